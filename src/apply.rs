@@ -1,0 +1,453 @@
+//! Folding decoded events into state.
+//!
+//! Events are folded into an in-memory [`Pending`] batch (no disk write per event); a
+//! flush merges it into sled in one atomic batch *together with the source offsets* that
+//! produced it, the newest event time per partition, the reject counters and the
+//! late-data marks. A crash before the batch lands loses the batch and its offsets
+//! alike, so the events are read again: nothing is lost and nothing counts twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use crate::aggregate::{event_fields, DailyRecord, Enrolled, EnrollmentRecord};
+use crate::config::Config;
+use crate::event::{
+    Day, EnrollmentEvent, EnrollmentKind, Event, Reject, RejectReason, TelemetryEvent, Timestamp,
+};
+use crate::state::{self, keys, PublishedRecord, StateError, Store};
+use crate::window::{self, Window};
+
+/// A partition of a source: a Kafka topic partition, or partition 0 of an event file.
+pub type SourcePartition = (String, i32);
+
+/// Everything folded since the last flush.
+#[derive(Default)]
+struct Pending {
+    /// client -> (partition, day -> record delta).
+    daily: HashMap<String, (u32, Vec<(Day, DailyRecord)>)>,
+    /// (experiment index, client) -> (partition, record delta).
+    enrollments: HashMap<(usize, String), (u32, EnrollmentRecord)>,
+    offsets: BTreeMap<SourcePartition, i64>,
+    rejects: [u64; RejectReason::ALL.len()],
+    /// (experiment index, table) -> late events that may change it.
+    late: BTreeMap<(usize, String), u64>,
+    events: usize,
+}
+
+/// Per-experiment facts the fold checks on every event, computed once.
+struct ExperimentInfo {
+    first_day: Day,
+    last_enrollment_day: Day,
+    /// Telemetry on or after this day is outside every window.
+    end_day: Day,
+    /// Dimensions kept from enrollment events (pipeline dimensions and segment inputs).
+    dimensions: Vec<String>,
+    windows: Vec<Window>,
+}
+
+/// Counters since start, for logs and `/metrics`.
+#[derive(Debug, Default, Clone)]
+pub struct FoldStats {
+    pub folded: u64,
+    pub rejected: [u64; RejectReason::ALL.len()],
+    pub flushes: u64,
+    pub last_flush: Duration,
+}
+
+/// The fold: applies events to a pending batch and flushes it atomically.
+pub struct Fold {
+    cfg: Config,
+    store: Store,
+    exps: Vec<ExperimentInfo>,
+    pending: Pending,
+    /// Newest event time per source partition, persisted and pending merged.
+    event_times: BTreeMap<SourcePartition, i64>,
+    /// When each partition last delivered an event (for idleness).
+    last_seen: HashMap<SourcePartition, Instant>,
+    /// Durable reject totals per reason.
+    reject_totals: [u64; RejectReason::ALL.len()],
+    /// Publication records per experiment (the fold marks them late).
+    published: Vec<BTreeMap<String, PublishedRecord>>,
+    /// Watermark day at the start of the batch: events before it are late.
+    watermark_day: Option<Day>,
+    fields: Vec<(u16, f64)>,
+    pub stats: FoldStats,
+    logged_rejects: [bool; RejectReason::ALL.len()],
+}
+
+impl Fold {
+    /// Loads offsets, event times and counters for the given sources from the store.
+    pub fn new(cfg: Config, store: Store, sources: &[&str]) -> Result<Fold, StateError> {
+        let mut event_times = BTreeMap::new();
+        let now = Instant::now();
+        let mut last_seen = HashMap::new();
+        for s in sources {
+            for (p, t) in store.event_times(s)? {
+                event_times.insert((s.to_string(), p), t);
+                last_seen.insert((s.to_string(), p), now);
+            }
+        }
+        let mut reject_totals = [0; RejectReason::ALL.len()];
+        for (r, n) in store.rejects()? {
+            reject_totals[r.index()] = n;
+        }
+        let exps = cfg
+            .experiments
+            .iter()
+            .map(|e| {
+                let mut dimensions = cfg.pipeline.dimensions.clone();
+                for s in &e.segments {
+                    for c in &s.clauses {
+                        let d = match c {
+                            crate::config::SegmentClause::Equals(d, _)
+                            | crate::config::SegmentClause::NotEquals(d, _)
+                            | crate::config::SegmentClause::In(d, _) => d,
+                        };
+                        if !dimensions.contains(d) {
+                            dimensions.push(d.clone());
+                        }
+                    }
+                }
+                ExperimentInfo {
+                    first_day: Day::from_date(e.enrollment_start),
+                    last_enrollment_day: Day::from_date(e.last_enrollment_date()),
+                    end_day: Day::from_date(e.end_date),
+                    dimensions,
+                    windows: window::windows(e),
+                }
+            })
+            .collect();
+        let published = cfg
+            .experiments
+            .iter()
+            .map(|e| store.published(&e.slug))
+            .collect::<Result<_, _>>()?;
+        let mut fold = Fold {
+            cfg,
+            store,
+            exps,
+            pending: Pending::default(),
+            event_times,
+            last_seen,
+            reject_totals,
+            published,
+            watermark_day: None,
+            fields: Vec::new(),
+            stats: FoldStats::default(),
+            logged_rejects: [false; RejectReason::ALL.len()],
+        };
+        fold.watermark_day = fold.watermark(None).map(|t| t.day());
+        Ok(fold)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Events folded (or rejected) since the last flush.
+    pub fn pending_events(&self) -> usize {
+        self.pending.events
+    }
+
+    /// Records that a source partition's next unread offset is `next`.
+    pub fn record_offset(&mut self, source: &str, partition: i32, next: i64) {
+        match self
+            .pending
+            .offsets
+            .get_mut(&(source.to_string(), partition))
+        {
+            Some(v) => *v = next,
+            None => {
+                self.pending
+                    .offsets
+                    .insert((source.to_string(), partition), next);
+            }
+        }
+    }
+
+    /// Counts a rejected event; the first of each kind is logged with its detail.
+    pub fn reject(&mut self, r: &Reject, source: &str) {
+        let i = r.reason.index();
+        self.pending.rejects[i] += 1;
+        self.pending.events += 1;
+        self.stats.rejected[i] += 1;
+        if !self.logged_rejects[i] {
+            self.logged_rejects[i] = true;
+            tracing::warn!(source, reason = r.reason.as_str(), detail = %r.detail, "rejected event (first of its kind; later ones are only counted)");
+        }
+    }
+
+    /// Folds one decoded event from a source partition.
+    pub fn apply(&mut self, source: &str, partition: i32, event: &Event<'_>) {
+        let ts = event.timestamp();
+        let key = (source.to_string(), partition);
+        let t = self.event_times.entry(key.clone()).or_insert(i64::MIN);
+        *t = (*t).max(ts.0);
+        self.last_seen.insert(key, Instant::now());
+        let result = match event {
+            Event::Enrollment(e) => self.apply_enrollment(partition as u32, e),
+            Event::Telemetry(t) => {
+                self.apply_telemetry(partition as u32, t);
+                Ok(())
+            }
+        };
+        match result {
+            Ok(()) => {
+                self.pending.events += 1;
+                self.stats.folded += 1;
+            }
+            Err(r) => self.reject(&r, source),
+        }
+    }
+
+    fn apply_enrollment(&mut self, partition: u32, e: &EnrollmentEvent<'_>) -> Result<(), Reject> {
+        let Some(x) = self
+            .cfg
+            .experiments
+            .iter()
+            .position(|x| x.slug == e.experiment)
+        else {
+            return Err(Reject {
+                reason: RejectReason::UnknownExperiment,
+                detail: format!("experiment `{}` is not configured", e.experiment),
+            });
+        };
+        let exp = &self.cfg.experiments[x];
+        if exp.branch_index(&e.branch).is_none() {
+            return Err(Reject {
+                reason: RejectReason::UnknownBranch,
+                detail: format!("branch `{}` is not a branch of `{}`", e.branch, exp.slug),
+            });
+        }
+        let info = &self.exps[x];
+        let day = e.timestamp.day();
+        let mut delta = EnrollmentRecord::default();
+        match e.kind {
+            EnrollmentKind::Enroll => {
+                delta.num_enrollment_events = 1;
+                if day >= info.first_day && day <= info.last_enrollment_day {
+                    let mut dimensions: Vec<(String, String)> = e
+                        .dimensions
+                        .iter()
+                        .filter(|(k, _)| info.dimensions.iter().any(|d| d == k))
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect();
+                    dimensions.sort();
+                    dimensions.dedup_by(|a, b| a.0 == b.0);
+                    delta.enrolled = Some(Enrolled {
+                        branch: e.branch.to_string(),
+                        timestamp: e.timestamp.0,
+                        dimensions,
+                    });
+                }
+            }
+            EnrollmentKind::Exposure => {
+                delta.num_exposure_events = 1;
+                delta.first_exposure = Some(e.timestamp.0);
+            }
+            EnrollmentKind::Unenroll => {
+                delta.num_unenrollment_events = 1;
+                delta.first_unenrollment = Some(e.timestamp.0);
+            }
+        }
+        if self.watermark_day.is_some_and(|w| day < w) {
+            // A late enrollment may add or change rows of anything already published.
+            let names: Vec<String> = self.published[x].keys().cloned().collect();
+            for table in names {
+                *self.pending.late.entry((x, table)).or_default() += 1;
+            }
+        }
+        match self
+            .pending
+            .enrollments
+            .get_mut(&(x, e.client_id.to_string()))
+        {
+            Some((_, rec)) => rec.merge(&delta),
+            None => {
+                self.pending
+                    .enrollments
+                    .insert((x, e.client_id.to_string()), (partition, delta));
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_telemetry(&mut self, partition: u32, t: &TelemetryEvent<'_>) {
+        let day = t.submission_timestamp.day();
+        if !self
+            .exps
+            .iter()
+            .any(|x| day >= x.first_day && day < x.end_day)
+        {
+            return; // outside every experiment: only the watermark (and sketches) see it
+        }
+        let layout = self.store.layout();
+        let Some(source) = layout.source_index(&t.data_source) else {
+            return;
+        };
+        event_fields(layout, source, t, &mut self.fields);
+        let mut tags: Vec<(&str, &str)> = t
+            .experiments
+            .iter()
+            .filter(|(slug, _)| self.cfg.experiments.iter().any(|e| e.slug == *slug))
+            .map(|(s, b)| (s.as_ref(), b.as_ref()))
+            .collect();
+        tags.sort_unstable();
+        if self.watermark_day.is_some_and(|w| day < w) {
+            self.mark_late(day);
+        }
+        let entry = match self.pending.daily.get_mut(t.client_id.as_ref()) {
+            Some(e) => e,
+            None => self
+                .pending
+                .daily
+                .entry(t.client_id.to_string())
+                .or_insert_with(|| (partition, Vec::new())),
+        };
+        let rec = match entry.1.iter().position(|(d, _)| *d == day) {
+            Some(i) => &mut entry.1[i].1,
+            None => {
+                entry.1.push((day, DailyRecord::default()));
+                &mut entry.1.last_mut().unwrap().1
+            }
+        };
+        rec.add_event(&tags, source, &self.fields);
+    }
+
+    /// Marks every published window whose span of absolute days holds `day` as touched.
+    fn mark_late(&mut self, day: Day) {
+        for (x, (exp, info)) in self.cfg.experiments.iter().zip(&self.exps).enumerate() {
+            if self.published[x].is_empty() {
+                continue;
+            }
+            for w in &info.windows {
+                let covers = day >= info.first_day.plus(i64::from(w.start))
+                    && day <= info.last_enrollment_day.plus(i64::from(w.end));
+                if !covers {
+                    continue;
+                }
+                let stat = w.statistics_table(exp);
+                if self.published[x].contains_key(&stat) {
+                    *self.pending.late.entry((x, stat)).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    /// Writes the pending batch, its offsets and counters in one atomic sled batch.
+    pub fn flush(&mut self) -> Result<(), StateError> {
+        let started = Instant::now();
+        let p = std::mem::take(&mut self.pending);
+        let mut batch = sled::Batch::default();
+        for (client, (partition, days)) in &p.daily {
+            for (day, delta) in days {
+                let key = keys::daily(*partition, client, *day);
+                let rec = match self.store.get::<DailyRecord>(&key)? {
+                    Some(mut old) => {
+                        old.merge(delta);
+                        old
+                    }
+                    None => delta.clone(),
+                };
+                batch.insert(key, state::encode(&rec));
+            }
+        }
+        for ((x, client), (partition, delta)) in &p.enrollments {
+            let key = keys::enrollment(&self.cfg.experiments[*x].slug, *partition, client);
+            let rec = match self.store.get::<EnrollmentRecord>(&key)? {
+                Some(mut old) => {
+                    old.merge(delta);
+                    old
+                }
+                None => delta.clone(),
+            };
+            batch.insert(key, state::encode(&rec));
+        }
+        for ((source, partition), next) in &p.offsets {
+            batch.insert(keys::offset(source, *partition), &state::i64_value(*next));
+            if let Some(t) = self.event_times.get(&(source.clone(), *partition)) {
+                batch.insert(keys::event_time(source, *partition), &state::i64_value(*t));
+            }
+        }
+        for (i, n) in p.rejects.iter().enumerate() {
+            if *n > 0 {
+                self.reject_totals[i] += n;
+                batch.insert(
+                    keys::rejects(RejectReason::ALL[i]),
+                    &state::i64_value(self.reject_totals[i] as i64),
+                );
+            }
+        }
+        for ((x, table), n) in &p.late {
+            if let Some(rec) = self.published[*x].get_mut(table) {
+                rec.late_events += n;
+                batch.insert(
+                    keys::published(&self.cfg.experiments[*x].slug, table),
+                    state::encode(rec),
+                );
+            }
+        }
+        self.store.apply(batch)?;
+        self.watermark_day = self.watermark(None).map(|t| t.day());
+        self.stats.flushes += 1;
+        self.stats.last_flush = started.elapsed();
+        Ok(())
+    }
+
+    /// Newest event time per partition minus the allowed lateness, taking the minimum over
+    /// partitions. With `idle`, partitions silent for longer are left out (unless all are).
+    pub fn watermark(&self, idle: Option<Duration>) -> Option<Timestamp> {
+        let lateness = i64::from(self.cfg.pipeline.allowed_lateness_hours) * 3_600_000_000;
+        let now = Instant::now();
+        let active = |k: &SourcePartition| match idle {
+            None => true,
+            Some(idle) => self
+                .last_seen
+                .get(k)
+                .is_none_or(|t| now.duration_since(*t) <= idle),
+        };
+        let times = self.event_times.iter().filter(|(_, t)| **t != i64::MIN);
+        let min_active = times
+            .clone()
+            .filter(|(k, _)| active(k))
+            .map(|(_, t)| *t)
+            .min();
+        let newest = min_active.or_else(|| times.map(|(_, t)| *t).max())?;
+        Some(Timestamp(newest - lateness))
+    }
+
+    /// Publication records of experiment `x`, as the fold tracks them.
+    pub fn published(&self, x: usize) -> &BTreeMap<String, PublishedRecord> {
+        &self.published[x]
+    }
+
+    /// Records a successful or failed publication (durably, outside the fold batch).
+    pub fn set_published(
+        &mut self,
+        x: usize,
+        table: &str,
+        rec: PublishedRecord,
+    ) -> Result<(), StateError> {
+        self.store
+            .set_published(&self.cfg.experiments[x].slug, table, &rec)?;
+        self.published[x].insert(table.to_string(), rec);
+        Ok(())
+    }
+
+    /// Rejects by reason since the store was created (durable totals plus pending).
+    pub fn reject_totals(&self) -> Vec<(RejectReason, u64)> {
+        RejectReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    *r,
+                    self.reject_totals[r.index()] + self.pending.rejects[r.index()],
+                )
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}

@@ -1,0 +1,3 @@
+//! Sources of events: NDJSON files (`replay`, `backfill`) and Kafka (`run`).
+
+pub mod file;

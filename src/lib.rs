@@ -1,0 +1,35 @@
+//! slipstream: streaming, incremental experiment analysis.
+//!
+//! # Layout
+//!
+//! Stage by stage, in the order data flows (DESIGN.md section 1):
+//!
+//! - [`config`]: experiments and pipeline settings from TOML, validated with every
+//!   problem reported at once.
+//! - [`event`]: the input contract and its decoding from JSON and protobuf; rejects are
+//!   typed by reason.
+//! - [`ingest`]: sources: NDJSON files (`replay`) and Kafka (`run`).
+//! - [`apply`]: folds events into an in-memory batch and flushes it to sled atomically
+//!   with the source offsets that produced it.
+//! - [`aggregate`]: the per-client accumulators (daily telemetry, enrollment) and the
+//!   fold of a client's days into one window's values.
+//! - [`state`]: the sled key layout, format version, offsets.
+//! - [`window`]: which analysis windows exist and when each is complete.
+//! - [`materialize`]: state to tables (enrollments, aggregates, statistics).
+//! - [`stats`]: statistics over one window's aggregates.
+//! - [`publish`]: the table model and sinks (local NDJSON files by default).
+//! - [`pipeline`]: the driver: flush, decide what is due, publish.
+//! - [`generate`]: synthetic events for trying things out and for tests.
+
+pub mod aggregate;
+pub mod apply;
+pub mod config;
+pub mod event;
+pub mod generate;
+pub mod ingest;
+pub mod materialize;
+pub mod pipeline;
+pub mod publish;
+pub mod state;
+pub mod stats;
+pub mod window;

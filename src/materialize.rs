@@ -1,0 +1,377 @@
+//! Turning state into tables: enrollment, per-window aggregates and statistics.
+//!
+//! One pass over an experiment's enrollment records serves every window being
+//! published: each client's daily records are read once, for the span the windows
+//! cover, and folded into one row per window and analysis basis. Clients are processed
+//! in client-id order, so rows and statistics do not depend on how the input was
+//! partitioned or batched.
+
+use chrono::NaiveDate;
+
+use crate::aggregate::{aggregate_window, ExperimentPlan, WindowAggregate};
+use crate::config::{AnalysisBasis, Experiment, MetricValueType};
+use crate::event::{Day, Timestamp};
+use crate::publish::{Column, ColumnType, TableData, TableKind, Value};
+use crate::state::{StateError, Store};
+use crate::stats::{
+    self, MetricSpec, MetricType, StatisticKind, StatisticSpec, StatsOptions, WindowInput,
+};
+use crate::window::{enrollments_table, statistics_view, Window};
+
+/// What to build for one experiment.
+#[derive(Debug, Clone, Default)]
+pub struct Due {
+    pub windows: Vec<Window>,
+    pub enrollments: bool,
+}
+
+/// Columns of `enrollments_<slug>`.
+pub fn enrollments_schema(exp: &Experiment) -> Vec<Column> {
+    let mut cols = vec![
+        Column::new("client_id", ColumnType::String, false),
+        Column::new("branch", ColumnType::String, false),
+        Column::new("enrollment_date", ColumnType::Date, false),
+        Column::new("num_enrollment_events", ColumnType::Int64, false),
+    ];
+    cols.extend(
+        exp.segments
+            .iter()
+            .map(|s| Column::new(&s.name, ColumnType::Bool, false)),
+    );
+    cols
+}
+
+/// Columns of `<slug>_<basis>_<period>_<index>`.
+pub fn aggregate_schema(exp: &Experiment) -> Vec<Column> {
+    let mut cols = vec![
+        Column::new("client_id", ColumnType::String, false),
+        Column::new("branch", ColumnType::String, false),
+        Column::new("enrollment_date", ColumnType::Date, false),
+        Column::new("exposure_date", ColumnType::Date, true),
+        Column::new("num_enrollment_events", ColumnType::Int64, false),
+        Column::new("num_exposure_events", ColumnType::Int64, false),
+        Column::new("analysis_window_start", ColumnType::Int64, false),
+        Column::new("analysis_window_end", ColumnType::Int64, false),
+    ];
+    for m in &exp.metrics {
+        let kind = match m.aggregation.value_type() {
+            MetricValueType::Float => ColumnType::Float64,
+            MetricValueType::Int => ColumnType::Int64,
+            MetricValueType::Bool => ColumnType::Bool,
+        };
+        cols.push(Column::new(&m.name, kind, true));
+    }
+    for ds in exp.data_sources() {
+        cols.push(Column::new(
+            format!("{ds}_has_contradictory_branch"),
+            ColumnType::Bool,
+            false,
+        ));
+        cols.push(Column::new(
+            format!("{ds}_has_non_enrolled_data"),
+            ColumnType::Bool,
+            false,
+        ));
+    }
+    cols.extend(
+        exp.segments
+            .iter()
+            .map(|s| Column::new(&s.name, ColumnType::Bool, false)),
+    );
+    cols
+}
+
+/// Columns of `statistics_<slug>_<period>_<index>` (DESIGN.md section 5).
+pub fn statistics_schema() -> Vec<Column> {
+    use ColumnType::*;
+    [
+        ("segment", String, false),
+        ("metric", String, false),
+        ("statistic", String, false),
+        ("parameter", Numeric, true),
+        ("branch", String, false),
+        ("comparison", String, true),
+        ("comparison_to_branch", String, true),
+        ("ci_width", Float64, true),
+        ("point", Float64, true),
+        ("lower", Float64, true),
+        ("upper", Float64, true),
+        ("analysis_basis", String, false),
+    ]
+    .into_iter()
+    .map(|(n, k, null)| Column::new(n, k, null))
+    .collect()
+}
+
+/// The statistics each metric gets: from config, or the defaults for its type.
+pub fn metric_specs(exp: &Experiment) -> Vec<MetricSpec> {
+    exp.metrics
+        .iter()
+        .map(|m| {
+            let metric_type = if m.aggregation.value_type() == MetricValueType::Bool {
+                MetricType::Boolean
+            } else {
+                MetricType::Numeric
+            };
+            let statistics = if m.statistics.is_empty() {
+                stats::default_statistics(&m.name, metric_type)
+            } else {
+                m.statistics
+                    .iter()
+                    .map(|s| StatisticSpec {
+                        kind: match s.as_str() {
+                            "mean" => StatisticKind::Mean {
+                                drop_highest: 0.005,
+                            },
+                            "binomial" => StatisticKind::Binomial,
+                            "deciles" => StatisticKind::Deciles,
+                            "count" => StatisticKind::Count,
+                            "sum" => StatisticKind::Sum,
+                            _ => StatisticKind::EmpiricalCdf,
+                        },
+                        ci_width: 0.95,
+                    })
+                    .collect()
+            };
+            MetricSpec {
+                name: m.name.clone(),
+                metric_type,
+                statistics,
+            }
+        })
+        .collect()
+}
+
+/// Statistics input of one (window, basis), filled client by client.
+#[derive(Default)]
+struct Columns {
+    client_hash: Vec<u64>,
+    branch: Vec<u16>,
+    segment_bits: Vec<u64>,
+    values: Vec<Vec<Option<f64>>>,
+}
+
+fn date(d: Day) -> NaiveDate {
+    d.date()
+}
+
+/// Builds the due tables of one experiment from the store.
+pub fn build(
+    exp: &Experiment,
+    store: &Store,
+    due: &Due,
+    replicates: usize,
+) -> Result<Vec<TableData>, StateError> {
+    let plan = ExperimentPlan::new(exp, store.layout());
+    let last_enrollment = Day::from_date(exp.last_enrollment_date());
+    let bases = &exp.analysis_bases;
+    let nw = due.windows.len();
+    let agg_cols = aggregate_schema(exp);
+    let mut aggregates: Vec<TableData> = Vec::with_capacity(nw * bases.len());
+    let mut columns: Vec<Columns> = Vec::with_capacity(nw * bases.len());
+    for w in &due.windows {
+        for &b in bases {
+            aggregates.push(TableData {
+                name: w.aggregate_table(exp, b),
+                kind: TableKind::Aggregates,
+                columns: agg_cols.clone(),
+                rows: Vec::new(),
+            });
+            columns.push(Columns {
+                values: vec![Vec::new(); exp.metrics.len()],
+                ..Default::default()
+            });
+        }
+    }
+    let mut enrollments = TableData {
+        name: enrollments_table(exp),
+        kind: TableKind::Enrollments,
+        columns: enrollments_schema(exp),
+        rows: Vec::new(),
+    };
+
+    let mut entries = Vec::new();
+    for e in store.enrollments(&exp.slug) {
+        let e = e?;
+        if e.record.enrolled.is_some() {
+            entries.push(e);
+        }
+    }
+    entries.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+
+    let (lo, hi) = due.windows.iter().fold((u32::MAX, 0), |(lo, hi), w| {
+        (lo.min(w.start), hi.max(w.end))
+    });
+    let mut days = Vec::new();
+    let mut agg = WindowAggregate::default();
+    for entry in &entries {
+        let rec = &entry.record;
+        let enrolled = rec.enrolled.as_ref().expect("filtered above");
+        let Some(branch) = exp.branch_index(&enrolled.branch) else {
+            continue;
+        };
+        let enrollment_day = Timestamp(enrolled.timestamp).day();
+        let dims = |d: &str| {
+            enrolled
+                .dimensions
+                .iter()
+                .find(|(k, _)| k == d)
+                .map(|(_, v)| v.as_str())
+        };
+        let segs: Vec<bool> = exp.segments.iter().map(|s| s.matches(dims)).collect();
+        let segment_bits = segs
+            .iter()
+            .enumerate()
+            .fold(0u64, |acc, (i, &m)| acc | (u64::from(m) << i));
+        // Exposures count within the enrollment period, from the enrollment day on.
+        let exposure_day = rec
+            .exposure_day()
+            .filter(|d| *d <= last_enrollment)
+            .map(|d| d.max(enrollment_day));
+        let exposure_value = rec
+            .exposure_day()
+            .map(date)
+            .map_or(Value::Null, Value::Date);
+        if due.enrollments {
+            let mut row = vec![
+                Value::Str(entry.client_id.clone()),
+                Value::Str(enrolled.branch.clone()),
+                Value::Date(date(enrollment_day)),
+                Value::Int(i64::from(rec.num_enrollment_events)),
+            ];
+            row.extend(segs.iter().map(|&s| Value::Bool(s)));
+            enrollments.rows.push(row);
+        }
+        if nw == 0 {
+            continue;
+        }
+        let last_start = exposure_day.unwrap_or(enrollment_day).max(enrollment_day);
+        store.client_days(
+            entry.partition,
+            &entry.client_id,
+            enrollment_day.plus(i64::from(lo)),
+            last_start.plus(i64::from(hi)),
+            &mut days,
+        )?;
+        let client_hash = xxhash_rust::xxh3::xxh3_64(entry.client_id.as_bytes());
+        for (wi, w) in due.windows.iter().enumerate() {
+            for (bi, &basis) in bases.iter().enumerate() {
+                let start = match basis {
+                    AnalysisBasis::Enrollments => enrollment_day,
+                    AnalysisBasis::Exposures => match exposure_day {
+                        Some(d) => d,
+                        None => continue,
+                    },
+                };
+                aggregate_window(
+                    &plan,
+                    &enrolled.branch,
+                    enrollment_day,
+                    start,
+                    w,
+                    &days,
+                    &mut agg,
+                );
+                let t = wi * bases.len() + bi;
+                let mut row = Vec::with_capacity(agg_cols.len());
+                row.extend([
+                    Value::Str(entry.client_id.clone()),
+                    Value::Str(enrolled.branch.clone()),
+                    Value::Date(date(enrollment_day)),
+                    exposure_value.clone(),
+                    Value::Int(i64::from(rec.num_enrollment_events)),
+                    Value::Int(i64::from(rec.num_exposure_events)),
+                    Value::Int(i64::from(w.start)),
+                    Value::Int(i64::from(w.end)),
+                ]);
+                for (m, v) in exp.metrics.iter().zip(&agg.values) {
+                    row.push(match (m.aggregation.value_type(), v) {
+                        (_, None) => Value::Null,
+                        (MetricValueType::Float, Some(x)) => Value::Float(*x),
+                        (MetricValueType::Int, Some(x)) => Value::Int(*x as i64),
+                        (MetricValueType::Bool, Some(x)) => Value::Bool(*x != 0.0),
+                    });
+                }
+                for &(contradictory, non_enrolled) in &agg.flags {
+                    row.push(Value::Bool(contradictory));
+                    row.push(Value::Bool(non_enrolled));
+                }
+                row.extend(segs.iter().map(|&s| Value::Bool(s)));
+                aggregates[t].rows.push(row);
+                let c = &mut columns[t];
+                c.client_hash.push(client_hash);
+                c.branch.push(branch as u16);
+                c.segment_bits.push(segment_bits);
+                for (col, v) in c.values.iter_mut().zip(&agg.values) {
+                    col.push(*v);
+                }
+            }
+        }
+    }
+
+    let specs = metric_specs(exp);
+    let branches: Vec<String> = exp.branches.iter().map(|b| b.name.clone()).collect();
+    let segments: Vec<String> = exp.segments.iter().map(|s| s.name.clone()).collect();
+    let opts = StatsOptions {
+        replicates,
+        seed: exp.seed,
+    };
+    let mut out = Vec::new();
+    if due.enrollments {
+        out.push(enrollments);
+    }
+    let mut aggregates = aggregates.into_iter();
+    for (wi, w) in due.windows.iter().enumerate() {
+        let mut stat_rows = Vec::new();
+        for (bi, &basis) in bases.iter().enumerate() {
+            let c = &columns[wi * bases.len() + bi];
+            let input = WindowInput {
+                analysis_basis: basis.name(),
+                branches: &branches,
+                segments: &segments,
+                metrics: &specs,
+                client_hash: &c.client_hash,
+                branch: &c.branch,
+                segment_bits: &c.segment_bits,
+                values: &c.values,
+            };
+            stat_rows.extend(stats::compute(&input, &opts));
+            out.push(aggregates.next().expect("one table per window and basis"));
+        }
+        out.push(TableData {
+            name: w.statistics_table(exp),
+            kind: TableKind::Statistics {
+                view: statistics_view(exp, w.period),
+                window_index: w.index,
+            },
+            columns: statistics_schema(),
+            rows: stat_rows.into_iter().map(statistic_row).collect(),
+        });
+    }
+    Ok(out)
+}
+
+fn opt_float(v: Option<f64>) -> Value {
+    v.filter(|x| x.is_finite())
+        .map_or(Value::Null, Value::Float)
+}
+
+fn statistic_row(r: stats::StatisticRow) -> Vec<Value> {
+    vec![
+        Value::Str(r.segment),
+        Value::Str(r.metric),
+        Value::Str(r.statistic),
+        r.parameter
+            .filter(|x| x.is_finite())
+            .map_or(Value::Null, Value::Numeric),
+        Value::Str(r.branch),
+        r.comparison
+            .map_or(Value::Null, |c| Value::Str(c.as_str().into())),
+        r.comparison_to_branch.map_or(Value::Null, Value::Str),
+        Value::Float(r.ci_width),
+        opt_float(r.point),
+        opt_float(r.lower),
+        opt_float(r.upper),
+        Value::Str(r.analysis_basis),
+    ]
+}

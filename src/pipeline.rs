@@ -1,0 +1,210 @@
+//! The driver shared by `replay` and `run`: fold, flush, and publish what is due.
+//!
+//! After each flush the pipeline compares the watermark with every window's completion
+//! time. A window is published once complete; it is published again when late events
+//! touched more than `republish_threshold` of its rows. The state a publication reflects
+//! is made durable first, and a table is recorded as published only after the sink
+//! confirmed it, so a crash in between just publishes it again (sinks replace tables).
+
+use std::time::{Duration, Instant};
+
+use crate::apply::Fold;
+use crate::event::Timestamp;
+use crate::materialize::{self, Due};
+use crate::publish::{PublishError, Sink, TableKind};
+use crate::state::{PublishedRecord, StateError};
+use crate::window::{self, enrollments_table};
+
+/// Windows materialized together at most (bounds memory when many are due at once).
+const WINDOWS_PER_PASS: usize = 8;
+
+/// What one publication pass did.
+#[derive(Debug, Default, Clone)]
+pub struct PublishReport {
+    pub tables: usize,
+    pub rows: usize,
+    pub failures: Vec<String>,
+}
+
+/// Fold plus sink.
+pub struct Pipeline {
+    pub fold: Fold,
+    sink: Box<dyn Sink>,
+    pub published_tables: u64,
+    pub publish_failures: u64,
+}
+
+fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+impl Pipeline {
+    pub fn new(fold: Fold, sink: Box<dyn Sink>) -> Self {
+        Pipeline {
+            fold,
+            sink,
+            published_tables: 0,
+            publish_failures: 0,
+        }
+    }
+
+    pub fn sink_description(&self) -> String {
+        self.sink.describe()
+    }
+
+    /// Whether a publication record says the table needs (re)publishing.
+    fn needs(&self, rec: Option<&PublishedRecord>, ready: bool) -> bool {
+        let threshold = self.fold.config().pipeline.republish_threshold;
+        match rec {
+            None => ready,
+            Some(r) if r.published_at == 0 => ready, // only failures so far
+            Some(r) => r.late_events > 0 && r.late_events as f64 > threshold * r.rows as f64,
+        }
+    }
+
+    /// What is due for experiment `x` at this watermark.
+    pub fn due(&self, x: usize, watermark: Option<Timestamp>, force: bool) -> Due {
+        let exp = &self.fold.config().experiments[x];
+        let published = self.fold.published(x);
+        let reached = |t: Timestamp| watermark.is_some_and(|w| w >= t);
+        let mut due = Due::default();
+        for w in window::windows(exp) {
+            let rec = published.get(&w.statistics_table(exp));
+            let dirty_forced = force && rec.is_some_and(|r| r.late_events > 0);
+            if self.needs(rec, reached(w.complete_at(exp))) || dirty_forced {
+                due.windows.push(w);
+            }
+        }
+        let rec = published.get(&enrollments_table(exp));
+        due.enrollments = self.needs(rec, reached(window::enrollment_closed_at(exp)))
+            || (force && rec.is_some_and(|r| r.late_events > 0));
+        due
+    }
+
+    /// Flushes the fold, makes it durable, and publishes everything due. `force`
+    /// re-publishes every dirty window regardless of the threshold.
+    pub fn flush_and_publish(
+        &mut self,
+        watermark: Option<Timestamp>,
+        force: bool,
+    ) -> Result<PublishReport, StateError> {
+        self.fold.flush()?;
+        let mut report = PublishReport::default();
+        for x in 0..self.fold.config().experiments.len() {
+            let due = self.due(x, watermark, force);
+            if due.windows.is_empty() && !due.enrollments {
+                continue;
+            }
+            self.fold.store().flush()?; // durable before anything leaves the process
+            let mut chunks: Vec<Due> = due
+                .windows
+                .chunks(WINDOWS_PER_PASS)
+                .map(|c| Due {
+                    windows: c.to_vec(),
+                    enrollments: false,
+                })
+                .collect();
+            match chunks.first_mut() {
+                Some(first) => first.enrollments = due.enrollments,
+                None => chunks.push(Due {
+                    windows: vec![],
+                    enrollments: due.enrollments,
+                }),
+            }
+            for chunk in chunks {
+                self.publish_chunk(x, &chunk, &mut report)?;
+            }
+        }
+        Ok(report)
+    }
+
+    fn publish_chunk(
+        &mut self,
+        x: usize,
+        due: &Due,
+        report: &mut PublishReport,
+    ) -> Result<(), StateError> {
+        let exp = self.fold.config().experiments[x].clone();
+        let started = Instant::now();
+        let tables = materialize::build(
+            &exp,
+            self.fold.store(),
+            due,
+            self.fold.config().pipeline.replicates,
+        )?;
+        // Aggregate tables precede their statistics table, so the statistics table's
+        // record (which decides "published") is written only after all of a window's tables.
+        let mut window_failed: Option<String> = None;
+        let mut rows_of_window = 0u64;
+        for table in &tables {
+            if let TableKind::Aggregates = table.kind {
+                if window_failed.is_some() {
+                    continue;
+                }
+            }
+            let result = if matches!(table.kind, TableKind::Statistics { .. })
+                && window_failed.is_some()
+            {
+                Err(PublishError::Transient {
+                    table: table.name.clone(),
+                    detail: format!("not published because {}", window_failed.as_ref().unwrap()),
+                })
+            } else {
+                self.sink.publish(table)
+            };
+            let rows = match table.kind {
+                TableKind::Statistics { .. } => rows_of_window,
+                _ => table.rows.len() as u64,
+            };
+            match result {
+                Ok(()) => {
+                    report.tables += 1;
+                    report.rows += table.rows.len();
+                    self.published_tables += 1;
+                    let rec = PublishedRecord {
+                        rows,
+                        published_at: now_micros(),
+                        late_events: 0,
+                        failures: 0,
+                        last_error: None,
+                    };
+                    self.fold.set_published(x, &table.name, rec)?;
+                }
+                Err(e) => {
+                    self.publish_failures += 1;
+                    tracing::error!(table = %table.name, error = %e, "publication failed");
+                    report.failures.push(e.to_string());
+                    let mut rec = self
+                        .fold
+                        .published(x)
+                        .get(&table.name)
+                        .cloned()
+                        .unwrap_or_default();
+                    rec.failures += 1;
+                    rec.last_error = Some(e.to_string());
+                    self.fold.set_published(x, &table.name, rec)?;
+                    if matches!(table.kind, TableKind::Aggregates) {
+                        window_failed = Some(format!("{} failed", table.name));
+                    }
+                }
+            }
+            match table.kind {
+                TableKind::Aggregates => {
+                    rows_of_window = rows_of_window.max(table.rows.len() as u64)
+                }
+                TableKind::Statistics { .. } => {
+                    window_failed = None;
+                    rows_of_window = 0;
+                }
+                TableKind::Enrollments => {}
+            }
+        }
+        tracing::info!(experiment = %exp.slug, windows = due.windows.len(), enrollments = due.enrollments, tables = tables.len(), elapsed = ?started.elapsed(), "published");
+        Ok(())
+    }
+}
+
+/// How often a long-running loop should flush, from config.
+pub fn batch_interval(fold: &Fold) -> Duration {
+    Duration::from_millis(fold.config().pipeline.batch_millis)
+}

@@ -1,0 +1,372 @@
+//! The embedded store: sled key layout, format version, offsets and atomic batches.
+//!
+//! Everything lives in sled's default tree, so that one `apply_batch` writes the folded
+//! state *and* the source offsets that produced it atomically (DESIGN.md section 6).
+//! `state/README.md` documents the key layout; bump [`FORMAT_VERSION`] when it changes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::aggregate::{DailyRecord, EnrollmentRecord};
+use crate::config::Config;
+use crate::event::{Day, RejectReason};
+
+/// Version of the key layout and value encodings; a store with another version is refused.
+pub const FORMAT_VERSION: u32 = 1;
+
+const META_FORMAT: &[u8] = b"M\0format";
+const META_LAYOUT: &[u8] = b"M\0layout";
+
+/// Errors opening or using the store; each says what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot open the state store at {path}: {source} (is the directory writable, is the disk full, or is another slipstream process using it?)")]
+    Open { path: String, source: sled::Error },
+    #[error("the state at {path} has format version {found}, but this binary reads version {FORMAT_VERSION}; use a matching slipstream release or rebuild the state with `backfill`")]
+    Version { path: String, found: u32 },
+    #[error("state store I/O failed: {0}")]
+    Io(#[from] sled::Error),
+    #[error("corrupt state value under key {key}: {detail}")]
+    Corrupt { key: String, detail: String },
+}
+
+/// Field layout: data source and metric field names as small integers in the daily
+/// records. Append-only, stored in the state, so adding a metric never renumbers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Layout {
+    pub sources: Vec<String>,
+    /// (source index, field name).
+    pub fields: Vec<(u16, String)>,
+}
+
+impl Layout {
+    pub fn source_index(&self, name: &str) -> Option<u16> {
+        self.sources
+            .iter()
+            .position(|s| s == name)
+            .map(|i| i as u16)
+    }
+    pub fn field_index(&self, source: &str, field: &str) -> Option<u16> {
+        self.field_index_by_source(self.source_index(source)?, field)
+    }
+    pub fn field_index_by_source(&self, source: u16, field: &str) -> Option<u16> {
+        self.fields
+            .iter()
+            .position(|(s, f)| *s == source && f == field)
+            .map(|i| i as u16)
+    }
+    /// Appends what the config needs and the layout lacks; true when it changed.
+    fn extend_from(&mut self, cfg: &Config) -> bool {
+        let before = (self.sources.len(), self.fields.len());
+        for m in cfg.experiments.iter().flat_map(|e| &e.metrics) {
+            if self.source_index(&m.data_source).is_none() {
+                self.sources.push(m.data_source.clone());
+            }
+            if let Some(f) = &m.field {
+                let s = self.source_index(&m.data_source).unwrap();
+                if self.field_index_by_source(s, f).is_none() {
+                    self.fields.push((s, f.clone()));
+                }
+            }
+        }
+        before != (self.sources.len(), self.fields.len())
+    }
+}
+
+/// What is known about a published table.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PublishedRecord {
+    pub rows: u64,
+    /// Wall clock (micros) of the last successful publication.
+    pub published_at: i64,
+    /// Late events folded since then that may change the table.
+    pub late_events: u64,
+    /// Failed attempts since the last success, and why the last one failed.
+    pub failures: u32,
+    pub last_error: Option<String>,
+}
+
+/// Key builders. Integers are big-endian so that sled's byte order is numeric order.
+pub mod keys {
+    use super::*;
+
+    pub fn offset(source: &str, partition: i32) -> Vec<u8> {
+        [b"O", source.as_bytes(), b"\0", &partition.to_be_bytes()].concat()
+    }
+    pub fn offset_prefix(source: &str) -> Vec<u8> {
+        [b"O", source.as_bytes(), b"\0"].concat()
+    }
+    pub fn event_time(source: &str, partition: i32) -> Vec<u8> {
+        [b"T", source.as_bytes(), b"\0", &partition.to_be_bytes()].concat()
+    }
+    pub fn event_time_prefix(source: &str) -> Vec<u8> {
+        [b"T", source.as_bytes(), b"\0"].concat()
+    }
+    pub fn enrollment(slug: &str, partition: u32, client: &str) -> Vec<u8> {
+        [
+            b"E",
+            slug.as_bytes(),
+            b"\0",
+            &partition.to_be_bytes(),
+            client.as_bytes(),
+        ]
+        .concat()
+    }
+    pub fn enrollment_prefix(slug: &str) -> Vec<u8> {
+        [b"E", slug.as_bytes(), b"\0"].concat()
+    }
+    /// Days are stored with the sign bit flipped so negative days sort first.
+    pub fn daily(partition: u32, client: &str, day: Day) -> Vec<u8> {
+        [
+            b"D",
+            &partition.to_be_bytes()[..],
+            client.as_bytes(),
+            b"\0",
+            &((day.0 as u32) ^ 0x8000_0000).to_be_bytes(),
+        ]
+        .concat()
+    }
+    pub fn day_of_daily_key(key: &[u8]) -> Day {
+        let n = key.len();
+        Day((u32::from_be_bytes(key[n - 4..].try_into().unwrap()) ^ 0x8000_0000) as i32)
+    }
+    pub fn published(slug: &str, table: &str) -> Vec<u8> {
+        [b"P", slug.as_bytes(), b"\0", table.as_bytes()].concat()
+    }
+    pub fn published_prefix(slug: &str) -> Vec<u8> {
+        [b"P", slug.as_bytes(), b"\0"].concat()
+    }
+    pub fn rejects(reason: RejectReason) -> Vec<u8> {
+        [b"R", reason.as_str().as_bytes()].concat()
+    }
+}
+
+/// Encodes a record value (postcard: compact, varint integers).
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("in-memory encoding cannot fail")
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StateError> {
+    postcard::from_bytes(bytes).map_err(|e| StateError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        detail: e.to_string(),
+    })
+}
+
+fn be_i64(bytes: &[u8]) -> i64 {
+    i64::from_be_bytes(bytes.try_into().unwrap_or([0; 8]))
+}
+
+/// One enrolled (or partly known) client of an experiment, as scanned from the store.
+pub struct EnrollmentEntry {
+    pub partition: u32,
+    pub client_id: String,
+    pub record: EnrollmentRecord,
+}
+
+/// The sled-backed store.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    layout: Layout,
+}
+
+impl Store {
+    /// Opens (or creates) the store, checks its format version and extends its layout
+    /// with the config's fields.
+    pub fn open(dir: &Path, cfg: &Config) -> Result<Store, StateError> {
+        let path = dir.display().to_string();
+        std::fs::create_dir_all(dir).map_err(|e| StateError::Open {
+            path: path.clone(),
+            source: sled::Error::Io(e),
+        })?;
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(256 << 20)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|source| StateError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        match db.get(META_FORMAT)? {
+            Some(v) => {
+                let found = u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0xff; 4]));
+                if found != FORMAT_VERSION {
+                    return Err(StateError::Version { path, found });
+                }
+            }
+            None => {
+                db.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+            }
+        }
+        let mut layout: Layout = match db.get(META_LAYOUT)? {
+            Some(v) => decode(META_LAYOUT, &v)?,
+            None => Layout::default(),
+        };
+        if layout.extend_from(cfg) {
+            db.insert(META_LAYOUT, encode(&layout))?;
+        }
+        db.flush()?;
+        Ok(Store { db, layout })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Applies one batch atomically (state and offsets together).
+    pub fn apply(&self, batch: sled::Batch) -> Result<(), StateError> {
+        Ok(self.db.apply_batch(batch)?)
+    }
+
+    /// Makes everything applied so far durable; called before anything is published.
+    pub fn flush(&self) -> Result<(), StateError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn get_raw(&self, key: &[u8]) -> Result<Option<sled::IVec>, StateError> {
+        Ok(self.db.get(key)?)
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StateError> {
+        self.db.get(key)?.map(|v| decode(key, &v)).transpose()
+    }
+
+    /// Next offset to read per partition of a source (a topic, or `file:<path>`).
+    pub fn offsets(&self, source: &str) -> Result<BTreeMap<i32, i64>, StateError> {
+        self.partition_values(&keys::offset_prefix(source))
+    }
+
+    /// Newest event time seen per partition of a source (the watermark's input).
+    pub fn event_times(&self, source: &str) -> Result<BTreeMap<i32, i64>, StateError> {
+        self.partition_values(&keys::event_time_prefix(source))
+    }
+
+    fn partition_values(&self, prefix: &[u8]) -> Result<BTreeMap<i32, i64>, StateError> {
+        let mut out = BTreeMap::new();
+        for kv in self.db.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            let p = i32::from_be_bytes(k[k.len() - 4..].try_into().unwrap());
+            out.insert(p, be_i64(&v));
+        }
+        Ok(out)
+    }
+
+    /// Every enrollment record of an experiment, in key order.
+    pub fn enrollments(
+        &self,
+        slug: &str,
+    ) -> impl Iterator<Item = Result<EnrollmentEntry, StateError>> + '_ {
+        let prefix = keys::enrollment_prefix(slug);
+        let skip = prefix.len();
+        self.db.scan_prefix(prefix).map(move |kv| {
+            let (k, v) = kv?;
+            let partition = u32::from_be_bytes(k[skip..skip + 4].try_into().unwrap());
+            let client_id = String::from_utf8_lossy(&k[skip + 4..]).into_owned();
+            Ok(EnrollmentEntry {
+                partition,
+                client_id,
+                record: decode(&k, &v)?,
+            })
+        })
+    }
+
+    /// A client's daily records for days `from..=to`, sorted by day.
+    pub fn client_days(
+        &self,
+        partition: u32,
+        client: &str,
+        from: Day,
+        to: Day,
+        out: &mut Vec<(Day, DailyRecord)>,
+    ) -> Result<(), StateError> {
+        out.clear();
+        for kv in self
+            .db
+            .range(keys::daily(partition, client, from)..=keys::daily(partition, client, to))
+        {
+            let (k, v) = kv?;
+            out.push((keys::day_of_daily_key(&k), decode(&k, &v)?));
+        }
+        Ok(())
+    }
+
+    /// Publication records of an experiment by table name.
+    pub fn published(&self, slug: &str) -> Result<BTreeMap<String, PublishedRecord>, StateError> {
+        let prefix = keys::published_prefix(slug);
+        let mut out = BTreeMap::new();
+        for kv in self.db.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            out.insert(
+                String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+                decode(&k, &v)?,
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn set_published(
+        &self,
+        slug: &str,
+        table: &str,
+        rec: &PublishedRecord,
+    ) -> Result<(), StateError> {
+        self.db.insert(keys::published(slug, table), encode(rec))?;
+        Ok(())
+    }
+
+    /// Rejected events by reason, as durably counted.
+    pub fn rejects(&self) -> Result<Vec<(RejectReason, u64)>, StateError> {
+        let mut out = Vec::new();
+        for r in RejectReason::ALL {
+            if let Some(v) = self.db.get(keys::rejects(r))? {
+                out.push((r, be_i64(&v) as u64));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bytes on disk, for metrics.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+pub(crate) fn i64_value(v: i64) -> [u8; 8] {
+    v.to_be_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn daily_keys_sort_by_day_including_negative() {
+        let a = keys::daily(1, "c", Day(-5));
+        let b = keys::daily(1, "c", Day(3));
+        assert!(a < b);
+        assert_eq!(keys::day_of_daily_key(&a), Day(-5));
+        assert_eq!(keys::day_of_daily_key(&b), Day(3));
+    }
+
+    #[test]
+    fn refuses_another_format_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            pipeline: Default::default(),
+            experiments: vec![],
+        };
+        drop(Store::open(dir.path(), &cfg).unwrap());
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            db.insert(META_FORMAT, &99u32.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let err = Store::open(dir.path(), &cfg).err().unwrap();
+        assert!(err.to_string().contains("format version 99"), "{err}");
+    }
+}
