@@ -187,7 +187,7 @@ pub struct Enrolled {
 pub struct EnrollmentRecord {
     /// The earliest `enroll` within the enrollment period (ties broken by branch name).
     pub enrolled: Option<Enrolled>,
-    /// Every `enroll` event, in or after the period.
+    /// `enroll` events within the enrollment period.
     pub num_enrollment_events: u32,
     pub first_exposure: Option<i64>,
     pub num_exposure_events: u32,

@@ -225,36 +225,40 @@ impl Fold {
         let info = &self.exps[x];
         let day = e.timestamp.day();
         let mut delta = EnrollmentRecord::default();
-        match e.kind {
-            EnrollmentKind::Enroll => {
+        let in_period = day >= info.first_day && day <= info.last_enrollment_day;
+        // Whether the event changes columns of tables that may already be published
+        // (enrollment counts and dates, exposure dates), whatever its timestamp.
+        let changes_published = match e.kind {
+            EnrollmentKind::Enroll if in_period => {
                 delta.num_enrollment_events = 1;
-                if day >= info.first_day && day <= info.last_enrollment_day {
-                    let mut dimensions: Vec<(String, String)> = e
-                        .dimensions
-                        .iter()
-                        .filter(|(k, _)| info.dimensions.iter().any(|d| d == k))
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect();
-                    dimensions.sort();
-                    dimensions.dedup_by(|a, b| a.0 == b.0);
-                    delta.enrolled = Some(Enrolled {
-                        branch: e.branch.to_string(),
-                        timestamp: e.timestamp.0,
-                        dimensions,
-                    });
-                }
+                let mut dimensions: Vec<(String, String)> = e
+                    .dimensions
+                    .iter()
+                    .filter(|(k, _)| info.dimensions.iter().any(|d| d == k))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                dimensions.sort();
+                dimensions.dedup_by(|a, b| a.0 == b.0);
+                delta.enrolled = Some(Enrolled {
+                    branch: e.branch.to_string(),
+                    timestamp: e.timestamp.0,
+                    dimensions,
+                });
+                true
             }
+            EnrollmentKind::Enroll => false, // outside the enrollment period: not an enrollment
             EnrollmentKind::Exposure => {
                 delta.num_exposure_events = 1;
                 delta.first_exposure = Some(e.timestamp.0);
+                true
             }
             EnrollmentKind::Unenroll => {
                 delta.num_unenrollment_events = 1;
                 delta.first_unenrollment = Some(e.timestamp.0);
+                false
             }
-        }
-        if self.watermark_day.is_some_and(|w| day < w) {
-            // A late enrollment may add or change rows of anything already published.
+        };
+        if changes_published {
             let names: Vec<String> = self.published[x].keys().cloned().collect();
             for table in names {
                 *self.pending.late.entry((x, table)).or_default() += 1;
