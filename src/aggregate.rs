@@ -52,8 +52,9 @@ pub struct SourceDay {
 /// Events of one day that carried the same experiment tags.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct TagGroup {
-    /// (experiment slug, reported branch) for configured experiments, sorted.
-    pub tags: Vec<(String, String)>,
+    /// (experiment, reported branch) as layout indices, for configured experiments, sorted;
+    /// a branch the config does not know is [`crate::state::UNKNOWN_BRANCH`].
+    pub tags: Vec<(u16, u16)>,
     /// Sorted by source.
     pub sources: Vec<SourceDay>,
 }
@@ -66,24 +67,14 @@ pub struct DailyRecord {
 
 impl DailyRecord {
     /// Folds one event; `tags` must be sorted and `fields` are (layout field index, value).
-    pub fn add_event(&mut self, tags: &[(&str, &str)], source: u16, fields: &[(u16, f64)]) {
-        let group = match self.groups.iter().position(|g| {
-            g.tags.len() == tags.len()
-                && g.tags
-                    .iter()
-                    .zip(tags)
-                    .all(|(a, b)| a.0 == b.0 && a.1 == b.1)
-        }) {
-            Some(i) => &mut self.groups[i],
-            None => {
+    pub fn add_event(&mut self, tags: &[(u16, u16)], source: u16, fields: &[(u16, f64)]) {
+        let group = match self.groups.binary_search_by(|g| g.tags.as_slice().cmp(tags)) {
+            Ok(i) => &mut self.groups[i],
+            Err(at) => {
                 let g = TagGroup {
-                    tags: tags
-                        .iter()
-                        .map(|(a, b)| (a.to_string(), b.to_string()))
-                        .collect(),
+                    tags: tags.to_vec(),
                     sources: Vec::new(),
                 };
-                let at = self.groups.partition_point(|x| x.tags < g.tags);
                 self.groups.insert(at, g);
                 &mut self.groups[at]
             }
@@ -242,7 +233,10 @@ pub struct MetricPlan {
 /// An experiment's metrics resolved to layout indices, built once per materialization.
 #[derive(Debug, Clone)]
 pub struct ExperimentPlan {
-    pub slug: String,
+    /// The experiment's index in the layout's tag list.
+    pub experiment_tag: u16,
+    /// Layout branch index of each configured branch, in config order.
+    pub branch_tags: Vec<u16>,
     pub metrics: Vec<MetricPlan>,
     /// Layout source index per data source flag pair, in [`Experiment::data_sources`] order.
     pub sources: Vec<u16>,
@@ -270,8 +264,10 @@ impl ExperimentPlan {
             .iter()
             .map(|s| layout.source_index(s).expect("layout covers config"))
             .collect();
+        let (experiment_tag, branch_tags) = layout.experiment_tags(exp);
         ExperimentPlan {
-            slug: exp.slug.clone(),
+            experiment_tag,
+            branch_tags,
             metrics,
             sources,
         }
@@ -299,12 +295,13 @@ struct MetricAcc {
 
 /// Folds a client's daily records into one window's values.
 ///
-/// `days` are the client's records sorted by day. Days counted are
+/// `branch_tag` is the client's enrolled branch as a layout index
+/// ([`ExperimentPlan::branch_tags`]); `days` are the client's records sorted by day. Days counted are
 /// `basis_start + window.start ..= basis_start + window.end`; on the enrollment day itself,
 /// only events tagged with the experiment count (as Jetstream does).
 pub fn aggregate_window(
     plan: &ExperimentPlan,
-    branch: &str,
+    branch_tag: u16,
     enrollment_day: Day,
     basis_start: Day,
     window: &Window,
@@ -331,8 +328,8 @@ pub fn aggregate_window(
             let tag = group
                 .tags
                 .iter()
-                .find(|(slug, _)| *slug == plan.slug)
-                .map(|(_, b)| b.as_str());
+                .find(|(x, _)| *x == plan.experiment_tag)
+                .map(|(_, b)| *b);
             if *day == enrollment_day && tag.is_none() {
                 continue;
             }
@@ -340,7 +337,7 @@ pub fn aggregate_window(
                 if let Some(fi) = plan.sources.iter().position(|s| *s == sd.source) {
                     let f = &mut out.flags[fi];
                     match tag {
-                        Some(b) if b != branch => f.0 = true,
+                        Some(b) if b != branch_tag => f.0 = true,
                         None => f.1 = true,
                         _ => {}
                     }
@@ -416,7 +413,8 @@ mod tests {
 
     fn plan() -> ExperimentPlan {
         ExperimentPlan {
-            slug: "exp".into(),
+            experiment_tag: 0,
+            branch_tags: vec![0, 1],
             metrics: vec![
                 MetricPlan {
                     source: 0,
@@ -501,16 +499,16 @@ mod tests {
             end: 6,
         };
         let mut d0 = DailyRecord::default();
-        d0.add_event(&[("exp", "treatment")], 0, &[(0, 1.0)]); // tagged: counts
+        d0.add_event(&[(0, 1)], 0, &[(0, 1.0)]); // tagged: counts
         d0.add_event(&[], 0, &[(0, 10.0)]); // untagged on enrollment day: ignored
         let mut d6 = DailyRecord::default();
-        d6.add_event(&[("exp", "control")], 0, &[(0, 2.5)]); // contradictory
+        d6.add_event(&[(0, 0)], 0, &[(0, 2.5)]); // contradictory
         d6.add_event(&[], 0, &[(0, 0.0)]); // untagged after day 0: counts, flags
         let mut d7 = DailyRecord::default();
-        d7.add_event(&[("exp", "treatment")], 0, &[(0, 100.0)]); // day 7: outside week 1
+        d7.add_event(&[(0, 1)], 0, &[(0, 100.0)]); // day 7: outside week 1
         let days = vec![(e, d0), (e.plus(6), d6), (e.plus(7), d7)];
         let mut out = WindowAggregate::default();
-        aggregate_window(&plan(), "treatment", e, e, &w, &days, &mut out);
+        aggregate_window(&plan(), 1, e, e, &w, &days, &mut out);
         assert_eq!(
             out.values,
             vec![
@@ -529,7 +527,7 @@ mod tests {
             start: 2,
             end: 2,
         };
-        aggregate_window(&plan(), "treatment", e, e, &empty, &days, &mut out);
+        aggregate_window(&plan(), 1, e, e, &empty, &days, &mut out);
         assert_eq!(
             out.values,
             vec![Some(0.0), Some(0.0), Some(0.0), None, None, Some(0.0)]

@@ -20,11 +20,28 @@ use crate::window::{self, Window};
 /// A partition of a source: a Kafka topic partition, or partition 0 of an event file.
 pub type SourcePartition = (String, i32);
 
-/// Everything folded since the last flush.
+/// Daily records kept in memory at most (beyond that, clean ones are dropped at a flush).
+const CACHED_DAYS_LIMIT: usize = 1_000_000;
+
+/// A daily record held in memory: the write-back cache of recent days.
+struct CachedDay {
+    day: Day,
+    record: DailyRecord,
+    /// The record includes what sled holds (so a flush writes it without reading).
+    complete: bool,
+    /// Changed since the last flush.
+    dirty: bool,
+}
+
+/// A client's cached days.
+struct ClientDays {
+    partition: u32,
+    days: Vec<CachedDay>,
+}
+
+/// Everything folded since the last flush, besides daily records (see [`Fold::daily`]).
 #[derive(Default)]
 struct Pending {
-    /// client -> (partition, day -> record delta).
-    daily: HashMap<String, (u32, Vec<(Day, DailyRecord)>)>,
     /// (experiment index, client) -> (partition, record delta).
     enrollments: HashMap<(usize, String), (u32, EnrollmentRecord)>,
     offsets: BTreeMap<SourcePartition, i64>,
@@ -60,6 +77,9 @@ pub struct Fold {
     store: Store,
     exps: Vec<ExperimentInfo>,
     pending: Pending,
+    /// Recent daily records by client: dirty ones are part of the pending batch; clean
+    /// ones spare the flush a read, since a stream mostly touches the current day again.
+    daily: HashMap<String, ClientDays>,
     /// Newest event time per source partition, persisted and pending merged.
     event_times: BTreeMap<SourcePartition, i64>,
     /// When each partition last delivered an event (for idleness).
@@ -71,6 +91,7 @@ pub struct Fold {
     /// Watermark day at the start of the batch: events before it are late.
     watermark_day: Option<Day>,
     fields: Vec<(u16, f64)>,
+    tags: Vec<(u16, u16)>,
     pub stats: FoldStats,
     logged_rejects: [bool; RejectReason::ALL.len()],
 }
@@ -127,12 +148,14 @@ impl Fold {
             store,
             exps,
             pending: Pending::default(),
+            daily: HashMap::new(),
             event_times,
             last_seen,
             reject_totals,
             published,
             watermark_day: None,
             fields: Vec::new(),
+            tags: Vec::new(),
             stats: FoldStats::default(),
             logged_rejects: [false; RejectReason::ALL.len()],
         };
@@ -293,32 +316,36 @@ impl Fold {
             return;
         };
         event_fields(layout, source, t, &mut self.fields);
-        let mut tags: Vec<(&str, &str)> = t
-            .experiments
-            .iter()
-            .filter(|(slug, _)| self.cfg.experiments.iter().any(|e| e.slug == *slug))
-            .map(|(s, b)| (s.as_ref(), b.as_ref()))
-            .collect();
-        tags.sort_unstable();
+        self.tags.clear();
+        self.tags.extend(t.experiments.iter().filter_map(|(slug, branch)| layout.tag(slug, branch)));
+        self.tags.sort_unstable();
         if self.watermark_day.is_some_and(|w| day < w) {
             self.mark_late(day);
         }
-        let entry = match self.pending.daily.get_mut(t.client_id.as_ref()) {
+        let entry = match self.daily.get_mut(t.client_id.as_ref()) {
             Some(e) => e,
             None => self
-                .pending
                 .daily
                 .entry(t.client_id.to_string())
-                .or_insert_with(|| (partition, Vec::new())),
+                .or_insert_with(|| ClientDays {
+                    partition,
+                    days: Vec::new(),
+                }),
         };
-        let rec = match entry.1.iter().position(|(d, _)| *d == day) {
-            Some(i) => &mut entry.1[i].1,
+        let cached = match entry.days.iter().position(|d| d.day == day) {
+            Some(i) => &mut entry.days[i],
             None => {
-                entry.1.push((day, DailyRecord::default()));
-                &mut entry.1.last_mut().unwrap().1
+                entry.days.push(CachedDay {
+                    day,
+                    record: DailyRecord::default(),
+                    complete: false,
+                    dirty: false,
+                });
+                entry.days.last_mut().unwrap()
             }
         };
-        rec.add_event(&tags, source, &self.fields);
+        cached.dirty = true;
+        cached.record.add_event(&self.tags, source, &self.fields);
     }
 
     /// Marks every published window whose span of absolute days holds `day` as touched.
@@ -346,27 +373,30 @@ impl Fold {
         let started = Instant::now();
         let p = std::mem::take(&mut self.pending);
         let mut batch = sled::Batch::default();
-        for (client, (partition, days)) in &p.daily {
-            for (day, delta) in days {
-                let key = keys::daily(*partition, client, *day);
-                let rec = match self.store.get::<DailyRecord>(&key)? {
-                    Some(mut old) => {
-                        old.merge(delta);
-                        old
+        let mut cached = 0;
+        for (client, cd) in self.daily.iter_mut() {
+            cached += cd.days.len();
+            for d in cd.days.iter_mut().filter(|d| d.dirty) {
+                let key = keys::daily(cd.partition, client, d.day);
+                if !d.complete {
+                    if let Some(mut old) = self.store.get::<DailyRecord>(&key)? {
+                        old.merge(&d.record);
+                        d.record = old;
                     }
-                    None => delta.clone(),
-                };
-                batch.insert(key, state::encode(&rec));
+                    d.complete = true;
+                }
+                batch.insert(key, state::encode(&d.record));
+                d.dirty = false;
             }
         }
-        for ((x, client), (partition, delta)) in &p.enrollments {
-            let key = keys::enrollment(&self.cfg.experiments[*x].slug, *partition, client);
+        for ((x, client), (partition, delta)) in p.enrollments {
+            let key = keys::enrollment(&self.cfg.experiments[x].slug, partition, &client);
             let rec = match self.store.get::<EnrollmentRecord>(&key)? {
                 Some(mut old) => {
-                    old.merge(delta);
+                    old.merge(&delta);
                     old
                 }
-                None => delta.clone(),
+                None => delta,
             };
             batch.insert(key, state::encode(&rec));
         }
@@ -396,6 +426,15 @@ impl Fold {
         }
         self.store.apply(batch)?;
         self.watermark_day = self.watermark(None).map(|t| t.day());
+        // Keep the days a stream still touches; drop the rest (all are clean now).
+        if cached > CACHED_DAYS_LIMIT {
+            self.daily.clear();
+        } else if let Some(keep_from) = self.watermark_day.map(|w| w.plus(-1)) {
+            self.daily.retain(|_, cd| {
+                cd.days.retain(|d| d.day >= keep_from);
+                !cd.days.is_empty()
+            });
+        }
         self.stats.flushes += 1;
         self.stats.last_flush = started.elapsed();
         Ok(())

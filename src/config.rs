@@ -79,7 +79,7 @@ impl Default for PipelineConfig {
                 .to_vec(),
             max_message_bytes: 1 << 20,
             republish_threshold: 0.01,
-            batch_events: 20_000,
+            batch_events: 50_000,
             batch_millis: 1_000,
             replicates: 1_000,
             kafka: KafkaConfig::default(),

@@ -265,7 +265,7 @@ pub fn build(
                 };
                 aggregate_window(
                     &plan,
-                    &enrolled.branch,
+                    plan.branch_tags[branch],
                     enrollment_day,
                     start,
                     w,

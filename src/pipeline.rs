@@ -26,12 +26,33 @@ pub struct PublishReport {
     pub failures: Vec<String>,
 }
 
+impl PublishReport {
+    /// Adds another pass's report to this one.
+    pub fn absorb(&mut self, r: PublishReport) {
+        self.tables += r.tables;
+        self.rows += r.rows;
+        self.failures.extend(r.failures);
+    }
+}
+
+/// Where the pipeline's time went, for summaries and metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PhaseTimes {
+    /// Writing folded batches to sled.
+    pub flush: Duration,
+    /// Reading state and computing rows and statistics.
+    pub materialize: Duration,
+    /// Handing tables to the sink.
+    pub sink: Duration,
+}
+
 /// Fold plus sink.
 pub struct Pipeline {
     pub fold: Fold,
     sink: Box<dyn Sink>,
     pub published_tables: u64,
     pub publish_failures: u64,
+    pub times: PhaseTimes,
 }
 
 fn now_micros() -> i64 {
@@ -45,6 +66,7 @@ impl Pipeline {
             sink,
             published_tables: 0,
             publish_failures: 0,
+            times: PhaseTimes::default(),
         }
     }
 
@@ -88,7 +110,9 @@ impl Pipeline {
         watermark: Option<Timestamp>,
         force: bool,
     ) -> Result<PublishReport, StateError> {
+        let started = Instant::now();
         self.fold.flush()?;
+        self.times.flush += started.elapsed();
         let mut report = PublishReport::default();
         for x in 0..self.fold.config().experiments.len() {
             let due = self.due(x, watermark, force);
@@ -132,6 +156,7 @@ impl Pipeline {
             due,
             self.fold.config().pipeline.replicates,
         )?;
+        self.times.materialize += started.elapsed();
         // Aggregate tables precede their statistics table, so the statistics table's
         // record (which decides "published") is written only after all of a window's tables.
         let mut window_failed: Option<String> = None;
@@ -142,6 +167,7 @@ impl Pipeline {
                     continue;
                 }
             }
+            let sink_started = Instant::now();
             let result = if matches!(table.kind, TableKind::Statistics { .. })
                 && window_failed.is_some()
             {
@@ -152,6 +178,7 @@ impl Pipeline {
             } else {
                 self.sink.publish(table)
             };
+            self.times.sink += sink_started.elapsed();
             let rows = match table.kind {
                 TableKind::Statistics { .. } => rows_of_window,
                 _ => table.rows.len() as u64,

@@ -39,7 +39,14 @@ pub struct Layout {
     pub sources: Vec<String>,
     /// (source index, field name).
     pub fields: Vec<(u16, String)>,
+    /// Experiment slugs, for the tags of daily records.
+    pub experiments: Vec<String>,
+    /// (experiment index, branch name).
+    pub branches: Vec<(u16, String)>,
 }
+
+/// Tag of a branch the config does not know (always contradictory).
+pub const UNKNOWN_BRANCH: u16 = u16::MAX;
 
 impl Layout {
     pub fn source_index(&self, name: &str) -> Option<u16> {
@@ -57,9 +64,42 @@ impl Layout {
             .position(|(s, f)| *s == source && f == field)
             .map(|i| i as u16)
     }
+    /// The layout tag of a reported (experiment, branch), if the experiment is configured.
+    pub fn tag(&self, slug: &str, branch: &str) -> Option<(u16, u16)> {
+        let x = self.experiments.iter().position(|e| e == slug)? as u16;
+        let b = self
+            .branches
+            .iter()
+            .position(|(e, name)| *e == x && name == branch)
+            .map_or(UNKNOWN_BRANCH, |b| b as u16);
+        Some((x, b))
+    }
+
+    /// An experiment's tag and its branches' tags in config order.
+    pub fn experiment_tags(&self, exp: &crate::config::Experiment) -> (u16, Vec<u16>) {
+        let branches = exp
+            .branches
+            .iter()
+            .map(|b| self.tag(&exp.slug, &b.name).expect("layout covers config").1)
+            .collect();
+        let x = self.experiments.iter().position(|e| *e == exp.slug).expect("layout covers config") as u16;
+        (x, branches)
+    }
+
     /// Appends what the config needs and the layout lacks; true when it changed.
     fn extend_from(&mut self, cfg: &Config) -> bool {
-        let before = (self.sources.len(), self.fields.len());
+        let before = (self.sources.len(), self.fields.len(), self.experiments.len(), self.branches.len());
+        for e in &cfg.experiments {
+            if !self.experiments.contains(&e.slug) {
+                self.experiments.push(e.slug.clone());
+            }
+            let x = self.experiments.iter().position(|s| *s == e.slug).unwrap() as u16;
+            for b in &e.branches {
+                if !self.branches.iter().any(|(bx, name)| *bx == x && *name == b.name) {
+                    self.branches.push((x, b.name.clone()));
+                }
+            }
+        }
         for m in cfg.experiments.iter().flat_map(|e| &e.metrics) {
             if self.source_index(&m.data_source).is_none() {
                 self.sources.push(m.data_source.clone());
@@ -71,7 +111,7 @@ impl Layout {
                 }
             }
         }
-        before != (self.sources.len(), self.fields.len())
+        before != (self.sources.len(), self.fields.len(), self.experiments.len(), self.branches.len())
     }
 }
 

@@ -76,7 +76,8 @@ for topic in $topics; do
         if out="$("$tansu" topic create "$topic" --partitions "$partitions" --broker "$url" 2>&1)"; then
             ok=1; break
         fi
-        if grep -qi "already" <<<"$out" || "$tansu" topic list --broker "$url" 2>/dev/null | grep -qx "$topic"; then
+        if grep -qi "already exists" <<<"$out" \
+            || "$tansu" topic list --broker "$url" 2>/dev/null | grep -qF "\"name\":\"$topic\""; then
             ok=1; break
         fi
         sleep 0.2

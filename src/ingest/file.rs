@@ -122,23 +122,18 @@ pub fn replay(pipeline: &mut Pipeline, input: &Path) -> anyhow::Result<ReplaySum
         if pipeline.fold.pending_events() >= batch {
             let wm = pipeline.fold.watermark(None);
             let r = pipeline.flush_and_publish(wm, false)?;
-            merge(&mut summary.published, r);
+            summary.published.absorb(r);
         }
     }
     let wm = pipeline.fold.watermark(None);
     let r = pipeline.flush_and_publish(wm, false)?;
-    merge(&mut summary.published, r);
+    summary.published.absorb(r);
     pipeline.fold.store().flush()?;
     summary.folded = pipeline.fold.stats.folded;
     summary.rejected = pipeline.fold.stats.rejected.iter().sum();
     Ok(summary)
 }
 
-fn merge(into: &mut PublishReport, r: PublishReport) {
-    into.tables += r.tables;
-    into.rows += r.rows;
-    into.failures.extend(r.failures);
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every check and test of slipstream on a fresh machine: installs the test services
+# (the tansu Kafka broker; see DESIGN.md section 7) into a cache directory, then formatting,
+# lints, and all unit and integration tests. `.ci/run` calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+echo "== installing test services"
+SLIPSTREAM_TANSU="$(deploy/local/install-tansu.sh | tail -n 1)"
+export SLIPSTREAM_TANSU
+echo "tansu: $SLIPSTREAM_TANSU"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+
+echo "== cargo test"
+cargo test --all-targets --locked

@@ -1,0 +1,154 @@
+//! `slipstream run`: consume the Kafka topics and drive the pipeline.
+//!
+//! Messages are folded as they arrive; every `batch_events` events or `batch_millis`
+//! the batch is flushed to sled together with the next offset of every partition it
+//! covers, then due windows are published. Consumption starts from those stored
+//! offsets (Kafka's committed offsets are only informational), so a restart resumes
+//! exactly after the last durable batch.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::Format;
+use crate::event::{decode_json, decode_protobuf, Kind};
+use crate::ingest::kafka::{KafkaSettings, KafkaSource, OffsetStore};
+use crate::pipeline::{batch_interval, Pipeline, PublishReport};
+use crate::state::Store;
+
+/// Start positions for the consumer: the positions this process has consumed to (which
+/// the pending batch will store), else the durable offsets in sled. Using the in-memory
+/// position when a partition comes back to us before a flush keeps its pending events
+/// from being read, and folded, twice.
+pub struct Positions {
+    store: Store,
+    consumed: Mutex<HashMap<(String, i32), i64>>,
+}
+
+impl Positions {
+    pub fn new(store: Store) -> Self {
+        Positions { store, consumed: Mutex::new(HashMap::new()) }
+    }
+    fn set(&self, topic: &str, partition: i32, next: i64) {
+        let mut m = self.consumed.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get_mut(&(topic.to_string(), partition)) {
+            Some(v) => *v = next,
+            None => {
+                m.insert((topic.to_string(), partition), next);
+            }
+        }
+    }
+}
+
+impl OffsetStore for Positions {
+    fn next_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        if let Some(v) = self.consumed.lock().unwrap_or_else(|e| e.into_inner()).get(&(topic.to_string(), partition)) {
+            return Some(*v);
+        }
+        match self.store.offsets(topic) {
+            Ok(m) => m.get(&partition).copied(),
+            Err(e) => {
+                // Starting from the earliest offset would double count: refuse loudly.
+                panic!("cannot read stored offsets for {topic}/{partition}: {e}");
+            }
+        }
+    }
+}
+
+/// How a run ends besides a signal.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop after this long without a message (for batch-like use and tests).
+    pub idle_exit: Option<Duration>,
+}
+
+/// Totals of a run, printed at exit.
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    pub messages: u64,
+    pub published: PublishReport,
+}
+
+/// Consumes until `shutdown` resolves (or the idle limit), then flushes and publishes.
+pub async fn run(pipeline: &mut Pipeline, brokers: &str, opts: &RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<RunSummary> {
+    let cfg = pipeline.fold.config().clone();
+    let k = &cfg.pipeline.kafka;
+    let settings = KafkaSettings::new(brokers, k.group_id.clone(), vec![k.enrollments_topic.clone(), k.telemetry_topic.clone()]);
+    let positions = Arc::new(Positions::new(pipeline.fold.store().clone()));
+    let source = KafkaSource::new(&settings, positions.clone())?;
+    let max_bytes = cfg.pipeline.max_message_bytes;
+    let idle = Some(Duration::from_millis(k.idle_partition_millis));
+    let interval = batch_interval(&pipeline.fold);
+    let mut summary = RunSummary::default();
+    let mut last_message = Instant::now();
+    let mut last_flush = Instant::now();
+    let mut last_report = Instant::now();
+    let mut committed: Vec<(String, i32, i64)> = Vec::new();
+    tokio::pin!(shutdown);
+    tracing::info!(brokers, group = %k.group_id, sink = %pipeline.sink_description(), "consuming");
+    loop {
+        let room = cfg.pipeline.batch_events.saturating_sub(pipeline.fold.pending_events()).max(1);
+        let polled = tokio::select! {
+            _ = &mut shutdown => None,
+            n = source.poll_batch(room, Duration::from_millis(200), |rec| {
+                let (kind, format) = if rec.topic == k.enrollments_topic {
+                    (Kind::Enrollment, k.enrollments_format)
+                } else {
+                    (Kind::Telemetry, k.telemetry_format)
+                };
+                let decoded = match format {
+                    Format::Json => decode_json(rec.payload, kind, max_bytes).map(|e| pipeline.fold.apply(rec.topic, rec.partition, &e)),
+                    Format::Protobuf => decode_protobuf(rec.payload, kind, max_bytes).map(|e| pipeline.fold.apply(rec.topic, rec.partition, &e)),
+                };
+                if let Err(r) = decoded {
+                    pipeline.fold.reject(&r, rec.topic);
+                }
+                pipeline.fold.record_offset(rec.topic, rec.partition, rec.offset + 1);
+                positions.set(rec.topic, rec.partition, rec.offset + 1);
+            }) => Some(n?),
+        };
+        let Some(n) = polled else {
+            tracing::info!("shutdown requested: flushing state and offsets");
+            break;
+        };
+        summary.messages += n as u64;
+        if n > 0 {
+            last_message = Instant::now();
+        }
+        let full = pipeline.fold.pending_events() >= cfg.pipeline.batch_events;
+        if full || (last_flush.elapsed() >= interval && pipeline.fold.pending_events() > 0) {
+            let wm = pipeline.fold.watermark(idle);
+            let r = tokio::task::block_in_place(|| pipeline.flush_and_publish(wm, false))?;
+            summary.published.absorb(r);
+            last_flush = Instant::now();
+            committed.clear();
+            for (topic, p) in source.assignment() {
+                if let Some(next) = positions.consumed.lock().unwrap_or_else(|e| e.into_inner()).get(&(topic.clone(), p)) {
+                    committed.push((topic, p, *next));
+                }
+            }
+            source.commit_informational(&committed);
+        } else if last_flush.elapsed() >= interval * 5 {
+            // Quiet stream: the watermark may still move as partitions turn idle.
+            let wm = pipeline.fold.watermark(idle);
+            let r = tokio::task::block_in_place(|| pipeline.flush_and_publish(wm, false))?;
+            summary.published.absorb(r);
+            last_flush = Instant::now();
+        }
+        if last_report.elapsed() >= Duration::from_secs(30) {
+            last_report = Instant::now();
+            let rejects: Vec<String> = pipeline.fold.reject_totals().iter().map(|(r, n)| format!("{}={n}", r.as_str())).collect();
+            tracing::info!(messages = summary.messages, folded = pipeline.fold.stats.folded, rejects = %rejects.join(" "), watermark = ?pipeline.fold.watermark(idle).map(|t| crate::event::format_timestamp(t)), "progress");
+        }
+        if opts.idle_exit.is_some_and(|d| last_message.elapsed() >= d) && !source.assignment().is_empty() {
+            tracing::info!("no message for {:?}: stopping", opts.idle_exit.unwrap());
+            break;
+        }
+    }
+    let wm = pipeline.fold.watermark(idle);
+    let r = tokio::task::block_in_place(|| pipeline.flush_and_publish(wm, false))?;
+    summary.published.absorb(r);
+    pipeline.fold.store().flush()?;
+    Ok(summary)
+}
+
