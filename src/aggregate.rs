@@ -68,7 +68,10 @@ pub struct DailyRecord {
 impl DailyRecord {
     /// Folds one event; `tags` must be sorted and `fields` are (layout field index, value).
     pub fn add_event(&mut self, tags: &[(u16, u16)], source: u16, fields: &[(u16, f64)]) {
-        let group = match self.groups.binary_search_by(|g| g.tags.as_slice().cmp(tags)) {
+        let group = match self
+            .groups
+            .binary_search_by(|g| g.tags.as_slice().cmp(tags))
+        {
             Ok(i) => &mut self.groups[i],
             Err(at) => {
                 let g = TagGroup {

@@ -88,8 +88,12 @@ pub struct Fold {
     reject_totals: [u64; RejectReason::ALL.len()],
     /// Publication records per experiment (the fold marks them late).
     published: Vec<BTreeMap<String, PublishedRecord>>,
-    /// Watermark day at the start of the batch: events before it are late.
+    /// Watermark day after the last flush: the cache keeps days from the day before it.
     watermark_day: Option<Day>,
+    /// Per experiment, the last absolute day any published window covers: telemetry on
+    /// or before it may change a published table (derived from the publication records,
+    /// so it holds across restarts).
+    published_until: Vec<Option<Day>>,
     fields: Vec<(u16, f64)>,
     tags: Vec<(u16, u16)>,
     pub stats: FoldStats,
@@ -154,12 +158,16 @@ impl Fold {
             reject_totals,
             published,
             watermark_day: None,
+            published_until: Vec::new(),
             fields: Vec::new(),
             tags: Vec::new(),
             stats: FoldStats::default(),
             logged_rejects: [false; RejectReason::ALL.len()],
         };
         fold.watermark_day = fold.watermark(None).map(|t| t.day());
+        fold.published_until = (0..fold.cfg.experiments.len())
+            .map(|x| fold.compute_published_until(x))
+            .collect();
         Ok(fold)
     }
 
@@ -317,9 +325,17 @@ impl Fold {
         };
         event_fields(layout, source, t, &mut self.fields);
         self.tags.clear();
-        self.tags.extend(t.experiments.iter().filter_map(|(slug, branch)| layout.tag(slug, branch)));
+        self.tags.extend(
+            t.experiments
+                .iter()
+                .filter_map(|(slug, branch)| layout.tag(slug, branch)),
+        );
         self.tags.sort_unstable();
-        if self.watermark_day.is_some_and(|w| day < w) {
+        if self
+            .published_until
+            .iter()
+            .any(|u| u.is_some_and(|u| day <= u))
+        {
             self.mark_late(day);
         }
         let entry = match self.daily.get_mut(t.client_id.as_ref()) {
@@ -346,6 +362,15 @@ impl Fold {
         };
         cached.dirty = true;
         cached.record.add_event(&self.tags, source, &self.fields);
+    }
+
+    fn compute_published_until(&self, x: usize) -> Option<Day> {
+        let (exp, info) = (&self.cfg.experiments[x], &self.exps[x]);
+        info.windows
+            .iter()
+            .filter(|w| self.published[x].contains_key(&w.statistics_table(exp)))
+            .map(|w| info.last_enrollment_day.plus(i64::from(w.end)))
+            .max()
     }
 
     /// Marks every published window whose span of absolute days holds `day` as touched.
@@ -425,6 +450,7 @@ impl Fold {
             }
         }
         self.store.apply(batch)?;
+        tracing::debug!(offsets = ?p.offsets, "flushed batch");
         self.watermark_day = self.watermark(None).map(|t| t.day());
         // Keep the days a stream still touches; drop the rest (all are clean now).
         if cached > CACHED_DAYS_LIMIT {
@@ -477,6 +503,7 @@ impl Fold {
         self.store
             .set_published(&self.cfg.experiments[x].slug, table, &rec)?;
         self.published[x].insert(table.to_string(), rec);
+        self.published_until[x] = self.compute_published_until(x);
         Ok(())
     }
 

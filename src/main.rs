@@ -8,7 +8,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use slipstream::apply::Fold;
-use slipstream::config::{self, Config};
+use slipstream::config::{self, Config, Format};
+use slipstream::event::{decode_json, encode_protobuf, Kind};
 use slipstream::generate::{generate, GenerateOptions};
 use slipstream::ingest;
 use slipstream::pipeline::Pipeline;
@@ -65,6 +66,31 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Load an NDJSON event file into the Kafka topics (enrollment events to the
+    /// enrollments topic, everything else to the telemetry topic), keyed by client_id.
+    Produce {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        input: PathBuf,
+        /// Config whose [pipeline.kafka] names the topics (defaults: enrollments, telemetry).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Consume the Kafka topics, fold events into state and publish windows as they complete.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        brokers: String,
+        #[arg(long, default_value = "state")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        output: Output,
+        /// Stop (cleanly) after this many seconds without a message.
+        #[arg(long)]
+        idle_exit_secs: Option<u64>,
+    },
     /// Fold an NDJSON event file into state and publish windows as they complete.
     Replay {
         #[arg(long)]
@@ -88,6 +114,34 @@ fn sink(output: &Output) -> anyhow::Result<Box<dyn Sink>> {
             format!("cannot create output directory {}", dir.display())
         })?)),
         None => anyhow::bail!("no output given: pass --out DIR for the local sink"),
+    }
+}
+
+fn print_rejects(pipeline: &Pipeline) {
+    let rejects = pipeline.fold.reject_totals();
+    if !rejects.is_empty() {
+        println!("rejected events by reason (all runs on this data dir):");
+        for (r, n) in rejects {
+            println!("  {:<20} {n}", r.as_str());
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends), so `run` can flush and exit.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
     }
 }
 
@@ -168,6 +222,90 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Produce {
+            brokers,
+            input,
+            config,
+        } => {
+            let kafka = match config {
+                Some(c) => load_config(&c)?.pipeline.kafka,
+                None => Default::default(),
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            let started = std::time::Instant::now();
+            let formats = (kafka.enrollments_format, kafka.telemetry_format);
+            // Lines that do not decode are sent as they are: bad input for the stream to reject.
+            let encode = |line: Vec<u8>, enrollment: bool| {
+                let (format, kind) = if enrollment {
+                    (formats.0, Kind::Enrollment)
+                } else {
+                    (formats.1, Kind::Telemetry)
+                };
+                match format {
+                    Format::Json => line,
+                    Format::Protobuf => match decode_json(&line, kind, usize::MAX) {
+                        Ok(ev) => encode_protobuf(&ev),
+                        Err(_) => line,
+                    },
+                }
+            };
+            let n = rt.block_on(ingest::kafka::produce_file_with(
+                &brokers,
+                &input,
+                &kafka.enrollments_topic,
+                &kafka.telemetry_topic,
+                encode,
+            ))?;
+            println!(
+                "produced {n} messages from {} to {brokers} in {:.2}s",
+                input.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            config,
+            brokers,
+            data_dir,
+            output,
+            idle_exit_secs,
+        } => {
+            let cfg = load_config(&config)?;
+            let sink = sink(&output)?;
+            let store = Store::open(&data_dir, &cfg)?;
+            let k = &cfg.pipeline.kafka;
+            let sources = [k.enrollments_topic.clone(), k.telemetry_topic.clone()];
+            let fold = Fold::new(cfg.clone(), store, &[&sources[0], &sources[1]])?;
+            let mut pipeline = Pipeline::new(fold, sink);
+            let opts = ingest::stream::RunOptions {
+                idle_exit: idle_exit_secs.map(std::time::Duration::from_secs),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let s = rt.block_on(ingest::stream::run(
+                &mut pipeline,
+                &brokers,
+                &opts,
+                shutdown_signal(),
+            ))?;
+            println!(
+                "consumed {} messages: {} folded, {} rejected; published {} tables ({} rows) to {}",
+                s.messages,
+                pipeline.fold.stats.folded,
+                pipeline.fold.stats.rejected.iter().sum::<u64>(),
+                s.published.tables,
+                s.published.rows,
+                pipeline.sink_description()
+            );
+            print_rejects(&pipeline);
+            Ok(if s.published.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Replay {
             config,
             input,
@@ -198,13 +336,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             let t = pipeline.times;
             println!("time: {:.2}s writing state batches, {:.2}s materializing tables, {:.2}s in the sink, the rest reading and folding", t.flush.as_secs_f64(), t.materialize.as_secs_f64(), t.sink.as_secs_f64());
-            let rejects = pipeline.fold.reject_totals();
-            if !rejects.is_empty() {
-                println!("rejected events by reason (all runs on this data dir):");
-                for (r, n) in rejects {
-                    println!("  {:<20} {n}", r.as_str());
-                }
-            }
+            print_rejects(&pipeline);
             if !s.published.failures.is_empty() {
                 for f in &s.published.failures {
                     eprintln!("publication failed: {f}");

@@ -80,22 +80,39 @@ impl Layout {
         let branches = exp
             .branches
             .iter()
-            .map(|b| self.tag(&exp.slug, &b.name).expect("layout covers config").1)
+            .map(|b| {
+                self.tag(&exp.slug, &b.name)
+                    .expect("layout covers config")
+                    .1
+            })
             .collect();
-        let x = self.experiments.iter().position(|e| *e == exp.slug).expect("layout covers config") as u16;
+        let x = self
+            .experiments
+            .iter()
+            .position(|e| *e == exp.slug)
+            .expect("layout covers config") as u16;
         (x, branches)
     }
 
     /// Appends what the config needs and the layout lacks; true when it changed.
     fn extend_from(&mut self, cfg: &Config) -> bool {
-        let before = (self.sources.len(), self.fields.len(), self.experiments.len(), self.branches.len());
+        let before = (
+            self.sources.len(),
+            self.fields.len(),
+            self.experiments.len(),
+            self.branches.len(),
+        );
         for e in &cfg.experiments {
             if !self.experiments.contains(&e.slug) {
                 self.experiments.push(e.slug.clone());
             }
             let x = self.experiments.iter().position(|s| *s == e.slug).unwrap() as u16;
             for b in &e.branches {
-                if !self.branches.iter().any(|(bx, name)| *bx == x && *name == b.name) {
+                if !self
+                    .branches
+                    .iter()
+                    .any(|(bx, name)| *bx == x && *name == b.name)
+                {
                     self.branches.push((x, b.name.clone()));
                 }
             }
@@ -111,7 +128,13 @@ impl Layout {
                 }
             }
         }
-        before != (self.sources.len(), self.fields.len(), self.experiments.len(), self.branches.len())
+        before
+            != (
+                self.sources.len(),
+                self.fields.len(),
+                self.experiments.len(),
+                self.branches.len(),
+            )
     }
 }
 

@@ -134,7 +134,6 @@ pub fn replay(pipeline: &mut Pipeline, input: &Path) -> anyhow::Result<ReplaySum
     Ok(summary)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

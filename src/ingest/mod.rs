@@ -1,3 +1,5 @@
-//! Sources of events: NDJSON files (`replay`, `backfill`) and Kafka (`run`).
+//! Sources of events: NDJSON files (`replay`) and Kafka (`run`, `produce`).
 
 pub mod file;
+pub mod kafka;
+pub mod stream;

@@ -27,7 +27,10 @@ pub struct Positions {
 
 impl Positions {
     pub fn new(store: Store) -> Self {
-        Positions { store, consumed: Mutex::new(HashMap::new()) }
+        Positions {
+            store,
+            consumed: Mutex::new(HashMap::new()),
+        }
     }
     fn set(&self, topic: &str, partition: i32, next: i64) {
         let mut m = self.consumed.lock().unwrap_or_else(|e| e.into_inner());
@@ -42,7 +45,12 @@ impl Positions {
 
 impl OffsetStore for Positions {
     fn next_offset(&self, topic: &str, partition: i32) -> Option<i64> {
-        if let Some(v) = self.consumed.lock().unwrap_or_else(|e| e.into_inner()).get(&(topic.to_string(), partition)) {
+        if let Some(v) = self
+            .consumed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(topic.to_string(), partition))
+        {
             return Some(*v);
         }
         match self.store.offsets(topic) {
@@ -70,24 +78,45 @@ pub struct RunSummary {
 }
 
 /// Consumes until `shutdown` resolves (or the idle limit), then flushes and publishes.
-pub async fn run(pipeline: &mut Pipeline, brokers: &str, opts: &RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<RunSummary> {
+pub async fn run(
+    pipeline: &mut Pipeline,
+    brokers: &str,
+    opts: &RunOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<RunSummary> {
     let cfg = pipeline.fold.config().clone();
     let k = &cfg.pipeline.kafka;
-    let settings = KafkaSettings::new(brokers, k.group_id.clone(), vec![k.enrollments_topic.clone(), k.telemetry_topic.clone()]);
+    let settings = KafkaSettings::new(
+        brokers,
+        k.group_id.clone(),
+        vec![k.enrollments_topic.clone(), k.telemetry_topic.clone()],
+    );
     let positions = Arc::new(Positions::new(pipeline.fold.store().clone()));
     let source = KafkaSource::new(&settings, positions.clone())?;
+    let topics = settings.topics.clone();
+    let counts =
+        tokio::task::block_in_place(|| source.partition_counts(&topics, Duration::from_secs(30)))?;
+    let all_partitions: usize = counts.iter().map(|(_, n)| n).sum();
+    let mut partial_logged = false;
     let max_bytes = cfg.pipeline.max_message_bytes;
-    let idle = Some(Duration::from_millis(k.idle_partition_millis));
+    let idle_after = Duration::from_millis(k.idle_partition_millis);
+    let idle = Some(idle_after);
     let interval = batch_interval(&pipeline.fold);
     let mut summary = RunSummary::default();
     let mut last_message = Instant::now();
     let mut last_flush = Instant::now();
     let mut last_report = Instant::now();
     let mut committed: Vec<(String, i32, i64)> = Vec::new();
+    let mut idle_stop = false;
+    let mut last_assigned = 0;
     tokio::pin!(shutdown);
     tracing::info!(brokers, group = %k.group_id, sink = %pipeline.sink_description(), "consuming");
     loop {
-        let room = cfg.pipeline.batch_events.saturating_sub(pipeline.fold.pending_events()).max(1);
+        let room = cfg
+            .pipeline
+            .batch_events
+            .saturating_sub(pipeline.fold.pending_events())
+            .max(1);
         let polled = tokio::select! {
             _ = &mut shutdown => None,
             n = source.poll_batch(room, Duration::from_millis(200), |rec| {
@@ -115,40 +144,74 @@ pub async fn run(pipeline: &mut Pipeline, brokers: &str, opts: &RunOptions, shut
         if n > 0 {
             last_message = Instant::now();
         }
-        let full = pipeline.fold.pending_events() >= cfg.pipeline.batch_events;
-        if full || (last_flush.elapsed() >= interval && pipeline.fold.pending_events() > 0) {
-            let wm = pipeline.fold.watermark(idle);
+        // One instance folds and publishes a whole experiment: while it owns only some
+        // partitions (a restart while a killed predecessor is still in the group, or a
+        // second instance), its view is partial, so it keeps folding but publishes nothing.
+        let assigned = source.assignment().len();
+        let owns_all = assigned == all_partitions;
+        if !owns_all && !partial_logged && assigned > 0 {
+            partial_logged = true;
+            tracing::warn!(assigned, all_partitions, "this instance owns only some partitions: folding, but not publishing until it owns all of them");
+        }
+        if assigned != last_assigned {
+            last_assigned = assigned;
+            last_message = Instant::now(); // new partitions: give them time to deliver
+        }
+        // Flush a full batch, or a batch that waited long enough; on a quiet stream, still
+        // now and then, since the watermark moves as partitions turn idle.
+        let pending = pipeline.fold.pending_events();
+        let since = last_flush.elapsed();
+        if pending >= cfg.pipeline.batch_events
+            || (pending > 0 && since >= interval)
+            || since >= interval * 5
+        {
+            let wm = pipeline.fold.watermark(idle).filter(|_| owns_all);
             let r = tokio::task::block_in_place(|| pipeline.flush_and_publish(wm, false))?;
             summary.published.absorb(r);
             last_flush = Instant::now();
             committed.clear();
             for (topic, p) in source.assignment() {
-                if let Some(next) = positions.consumed.lock().unwrap_or_else(|e| e.into_inner()).get(&(topic.clone(), p)) {
+                if let Some(next) = positions
+                    .consumed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&(topic.clone(), p))
+                {
                     committed.push((topic, p, *next));
                 }
             }
             source.commit_informational(&committed);
-        } else if last_flush.elapsed() >= interval * 5 {
-            // Quiet stream: the watermark may still move as partitions turn idle.
-            let wm = pipeline.fold.watermark(idle);
-            let r = tokio::task::block_in_place(|| pipeline.flush_and_publish(wm, false))?;
-            summary.published.absorb(r);
-            last_flush = Instant::now();
         }
         if last_report.elapsed() >= Duration::from_secs(30) {
             last_report = Instant::now();
-            let rejects: Vec<String> = pipeline.fold.reject_totals().iter().map(|(r, n)| format!("{}={n}", r.as_str())).collect();
+            let rejects: Vec<String> = pipeline
+                .fold
+                .reject_totals()
+                .iter()
+                .map(|(r, n)| format!("{}={n}", r.as_str()))
+                .collect();
             tracing::info!(messages = summary.messages, folded = pipeline.fold.stats.folded, rejects = %rejects.join(" "), watermark = ?pipeline.fold.watermark(idle).map(|t| crate::event::format_timestamp(t)), "progress");
         }
-        if opts.idle_exit.is_some_and(|d| last_message.elapsed() >= d) && !source.assignment().is_empty() {
+        if owns_all && opts.idle_exit.is_some_and(|d| last_message.elapsed() >= d) {
             tracing::info!("no message for {:?}: stopping", opts.idle_exit.unwrap());
+            idle_stop = true;
             break;
         }
     }
-    let wm = pipeline.fold.watermark(idle);
+    // Stopped because the whole stream went quiet: every partition is idle, so the
+    // watermark is the newest event time seen (as at the end of a file replay). On a
+    // signal the stream may still be flowing: keep the per-partition minimum.
+    let owns_all = source.assignment().len() == all_partitions;
+    let wm = pipeline
+        .fold
+        .watermark(if idle_stop {
+            Some(Duration::ZERO)
+        } else {
+            Some(idle_after)
+        })
+        .filter(|_| owns_all);
     let r = tokio::task::block_in_place(|| pipeline.flush_and_publish(wm, false))?;
     summary.published.absorb(r);
     pipeline.fold.store().flush()?;
     Ok(summary)
 }
-

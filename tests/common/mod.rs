@@ -62,3 +62,5 @@ pub fn all_tables(dir: &Path) -> std::collections::BTreeMap<String, String> {
     }
     out
 }
+
+pub mod broker;
