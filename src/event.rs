@@ -235,6 +235,9 @@ fn no_metrics<'a>() -> Result<Vec<(Cow<'a, str>, f64)>, String> {
     Ok(Vec::new())
 }
 
+/// Metric values of an event, or why one of them is unusable.
+type MetricsOrBad<'a> = Result<Vec<(Cow<'a, str>, f64)>, String>;
+
 /// Which topic a message came from, when known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -387,12 +390,10 @@ impl<'de> Deserialize<'de> for StrOrOther<'de> {
 
 /// `{"k": 1.5, "b": true, "n": null}` as (name, value); null is skipped, anything else
 /// non-numeric makes the event a `bad_value` reject (reported after the whole object parsed).
-fn number_pairs<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Result<Vec<(Cow<'de, str>, f64)>, String>, D::Error> {
+fn number_pairs<'de, D: Deserializer<'de>>(d: D) -> Result<MetricsOrBad<'de>, D::Error> {
     struct V;
     impl<'de> Visitor<'de> for V {
-        type Value = Result<Vec<(Cow<'de, str>, f64)>, String>;
+        type Value = MetricsOrBad<'de>;
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("an object of numbers")
         }

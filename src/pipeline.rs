@@ -168,15 +168,12 @@ impl Pipeline {
                 }
             }
             let sink_started = Instant::now();
-            let result = if matches!(table.kind, TableKind::Statistics { .. })
-                && window_failed.is_some()
-            {
-                Err(PublishError::Transient {
+            let result = match (&table.kind, &window_failed) {
+                (TableKind::Statistics { .. }, Some(why)) => Err(PublishError::Transient {
                     table: table.name.clone(),
-                    detail: format!("not published because {}", window_failed.as_ref().unwrap()),
-                })
-            } else {
-                self.sink.publish(table)
+                    detail: format!("not published because {why}"),
+                }),
+                _ => self.sink.publish(table),
             };
             self.times.sink += sink_started.elapsed();
             let rows = match table.kind {

@@ -96,6 +96,12 @@ pub async fn run(
     let topics = settings.topics.clone();
     let counts =
         tokio::task::block_in_place(|| source.partition_counts(&topics, Duration::from_secs(30)))?;
+    if counts[0].1 != counts[1].1 {
+        anyhow::bail!(
+            "topic {} has {} partitions but {} has {}: both must have the same count, so that a client's enrollment and telemetry land in partitions of the same number (state is keyed by partition)",
+            counts[0].0, counts[0].1, counts[1].0, counts[1].1
+        );
+    }
     let all_partitions: usize = counts.iter().map(|(_, n)| n).sum();
     let mut partial_logged = false;
     let max_bytes = cfg.pipeline.max_message_bytes;
@@ -190,7 +196,7 @@ pub async fn run(
                 .iter()
                 .map(|(r, n)| format!("{}={n}", r.as_str()))
                 .collect();
-            tracing::info!(messages = summary.messages, folded = pipeline.fold.stats.folded, rejects = %rejects.join(" "), watermark = ?pipeline.fold.watermark(idle).map(|t| crate::event::format_timestamp(t)), "progress");
+            tracing::info!(messages = summary.messages, folded = pipeline.fold.stats.folded, rejects = %rejects.join(" "), watermark = ?pipeline.fold.watermark(idle).map(crate::event::format_timestamp), "progress");
         }
         if owns_all && opts.idle_exit.is_some_and(|d| last_message.elapsed() >= d) {
             tracing::info!("no message for {:?}: stopping", opts.idle_exit.unwrap());
