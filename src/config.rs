@@ -67,6 +67,9 @@ pub struct PipelineConfig {
     pub batch_millis: u64,
     /// Bootstrap replicates for the statistics.
     pub replicates: usize,
+    /// Where the capped mean's cap comes from: re-estimated per bootstrap replicate
+    /// (calibrated intervals, the default) or once per branch (Jetstream's definition).
+    pub mean_cap: crate::stats::CapMode,
     pub kafka: KafkaConfig,
 }
 
@@ -82,6 +85,7 @@ impl Default for PipelineConfig {
             batch_events: 50_000,
             batch_millis: 1_000,
             replicates: 1_000,
+            mean_cap: crate::stats::CapMode::PerReplicate,
             kafka: KafkaConfig::default(),
         }
     }
@@ -215,8 +219,8 @@ pub struct Metric {
     /// Key in the telemetry event's `metrics` object; None counts events.
     pub field: Option<String>,
     pub aggregation: Aggregation,
-    /// Statistic names from config (empty: defaults by metric type).
-    pub statistics: Vec<String>,
+    /// Statistics from config (empty: defaults by metric type).
+    pub statistics: Vec<crate::stats::StatisticSpec>,
 }
 
 /// A branch and its share of enrollment (for the sample-ratio-mismatch test).
@@ -384,7 +388,64 @@ struct RawMetric {
     field: Option<String>,
     aggregation: Aggregation,
     #[serde(default)]
-    statistics: Vec<String>,
+    statistics: Vec<RawStatistic>,
+}
+
+/// `"mean"`, or `{ kind = "mean", ci_width = 0.9, drop_highest = 0.01 }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawStatistic {
+    Name(String),
+    Table(RawStatisticTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStatisticTable {
+    kind: String,
+    ci_width: Option<f64>,
+    drop_highest: Option<f64>,
+}
+
+/// Validates one statistic of a metric.
+fn statistic_spec(raw: &RawStatistic) -> Result<crate::stats::StatisticSpec, String> {
+    use crate::stats::{StatisticKind, StatisticSpec};
+    let (kind, ci_width, drop_highest) = match raw {
+        RawStatistic::Name(n) => (n.as_str(), None, None),
+        RawStatistic::Table(t) => (t.kind.as_str(), t.ci_width, t.drop_highest),
+    };
+    let drop = drop_highest.unwrap_or(crate::stats::DEFAULT_DROP_HIGHEST);
+    if !(0.0..0.5).contains(&drop) {
+        return Err(format!(
+            "drop_highest {drop}; expected a fraction in 0..0.5"
+        ));
+    }
+    let kind = match kind {
+        "mean" => StatisticKind::Mean { drop_highest: drop },
+        "binomial" => StatisticKind::Binomial,
+        "deciles" => StatisticKind::Deciles,
+        "count" => StatisticKind::Count,
+        "sum" => StatisticKind::Sum,
+        "empirical_cdf" => StatisticKind::EmpiricalCdf,
+        other => {
+            return Err(format!(
+                "`{other}` is unknown; expected one of {STATISTICS:?}"
+            ))
+        }
+    };
+    if drop_highest.is_some() && !matches!(kind, StatisticKind::Mean { .. }) {
+        return Err("drop_highest applies to `mean` only".into());
+    }
+    let mut spec = StatisticSpec::new(kind);
+    if let Some(w) = ci_width {
+        if !(w > 0.0 && w < 1.0) {
+            return Err(format!(
+                "ci_width {w}; expected a fraction strictly between 0 and 1, e.g. 0.95"
+            ));
+        }
+        spec.ci_width = w;
+    }
+    Ok(spec)
 }
 
 /// Statistic names accepted in a metric's `statistics` list.
@@ -786,13 +847,11 @@ fn validate_experiment(
                 ),
             ));
         }
-        for s in &m.statistics {
-            if !STATISTICS.contains(&s.as_str()) {
-                problems.push(problem(
-                    file,
-                    &format!("{field}.statistics"),
-                    format!("`{s}` is unknown; expected one of {STATISTICS:?}"),
-                ));
+        let mut statistics = Vec::new();
+        for (i, s) in m.statistics.iter().enumerate() {
+            match statistic_spec(s) {
+                Ok(spec) => statistics.push(spec),
+                Err(why) => problems.push(problem(file, &format!("{field}.statistics[{i}]"), why)),
             }
         }
         let needs_field = matches!(
@@ -814,7 +873,7 @@ fn validate_experiment(
             data_source: m.data_source.unwrap_or_else(|| DEFAULT_DATA_SOURCE.into()),
             field: m.field,
             aggregation: m.aggregation,
-            statistics: m.statistics,
+            statistics,
         };
         if let Some(existing) = metrics.iter_mut().find(|x| x.name == metric.name) {
             *existing = metric; // config overrides a default of the same name
@@ -1017,7 +1076,7 @@ metrics = [{ name = "bad name", aggregation = "sum", statistics = ["median"] }]
             "enrollment_period",
             "segments[0].where",
             "metrics[0].name",
-            "metrics[0].statistics",
+            "metrics[0].statistics[0]",
         ] {
             assert!(
                 fields.iter().any(|x| x.ends_with(f)),
@@ -1037,6 +1096,38 @@ metrics = [{ name = "bad name", aggregation = "sum", statistics = ["median"] }]
         );
         let msg = load(&file).unwrap_err().to_string();
         assert!(msg.contains("branchez") && msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn statistics_by_name_or_with_ci_width() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = GOOD.replace(
+            r#"aggregation = "max" }"#,
+            r#"aggregation = "max", statistics = ["count", { kind = "mean", ci_width = 0.9, drop_highest = 0.01 }] }"#,
+        );
+        let cfg = load(&write(dir.path(), "a.toml", &text)).unwrap();
+        let m = cfg.experiments[0]
+            .metrics
+            .iter()
+            .find(|m| m.name == "tabs")
+            .unwrap();
+        assert_eq!(m.statistics.len(), 2);
+        assert_eq!(m.statistics[1].ci_width, 0.9);
+        assert_eq!(
+            m.statistics[1].kind,
+            crate::stats::StatisticKind::Mean { drop_highest: 0.01 }
+        );
+        let bad = GOOD.replace(
+            r#"aggregation = "max" }"#,
+            r#"aggregation = "max", statistics = [{ kind = "sum", ci_width = 1.5 }] }"#,
+        );
+        let err = load(&write(dir.path(), "b.toml", &bad))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("statistics[0]") && err.contains("ci_width 1.5"),
+            "{err}"
+        );
     }
 
     #[test]

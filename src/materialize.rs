@@ -9,13 +9,11 @@
 use chrono::NaiveDate;
 
 use crate::aggregate::{aggregate_window, ExperimentPlan, WindowAggregate};
-use crate::config::{AnalysisBasis, Experiment, MetricValueType};
+use crate::config::{AnalysisBasis, Experiment, MetricValueType, PipelineConfig};
 use crate::event::{Day, Timestamp};
 use crate::publish::{Column, ColumnType, TableData, TableKind, Value};
 use crate::state::{StateError, Store};
-use crate::stats::{
-    self, MetricSpec, MetricType, StatisticKind, StatisticSpec, StatsOptions, WindowInput,
-};
+use crate::stats::{self, MetricSpec, MetricType, StatsOptions, WindowInput};
 use crate::window::{enrollments_table, statistics_view, Window};
 
 /// What to build for one experiment.
@@ -116,22 +114,7 @@ pub fn metric_specs(exp: &Experiment) -> Vec<MetricSpec> {
             let statistics = if m.statistics.is_empty() {
                 stats::default_statistics(&m.name, metric_type)
             } else {
-                m.statistics
-                    .iter()
-                    .map(|s| StatisticSpec {
-                        kind: match s.as_str() {
-                            "mean" => StatisticKind::Mean {
-                                drop_highest: 0.005,
-                            },
-                            "binomial" => StatisticKind::Binomial,
-                            "deciles" => StatisticKind::Deciles,
-                            "count" => StatisticKind::Count,
-                            "sum" => StatisticKind::Sum,
-                            _ => StatisticKind::EmpiricalCdf,
-                        },
-                        ci_width: 0.95,
-                    })
-                    .collect()
+                m.statistics.clone()
             };
             MetricSpec {
                 name: m.name.clone(),
@@ -160,7 +143,7 @@ pub fn build(
     exp: &Experiment,
     store: &Store,
     due: &Due,
-    replicates: usize,
+    pipeline: &PipelineConfig,
 ) -> Result<Vec<TableData>, StateError> {
     let plan = ExperimentPlan::new(exp, store.layout());
     let last_enrollment = Day::from_date(exp.last_enrollment_date());
@@ -313,8 +296,10 @@ pub fn build(
     let branches: Vec<String> = exp.branches.iter().map(|b| b.name.clone()).collect();
     let segments: Vec<String> = exp.segments.iter().map(|s| s.name.clone()).collect();
     let opts = StatsOptions {
-        replicates,
+        replicates: pipeline.replicates,
         seed: exp.seed,
+        threads: 2,
+        cap_mode: pipeline.mean_cap,
     };
     let mut out = Vec::new();
     if due.enrollments {
@@ -361,12 +346,13 @@ fn statistic_row(r: stats::StatisticRow) -> Vec<Value> {
         Value::Str(r.segment),
         Value::Str(r.metric),
         Value::Str(r.statistic),
+        // NUMERIC holds 9 decimals: round here so every sink publishes the same value.
         r.parameter
             .filter(|x| x.is_finite())
-            .map_or(Value::Null, Value::Numeric),
+            .map_or(Value::Null, |x| Value::Numeric((x * 1e9).round() / 1e9)),
         Value::Str(r.branch),
         r.comparison
-            .map_or(Value::Null, |c| Value::Str(c.as_str().into())),
+            .map_or(Value::Null, |c| Value::Str(c.name().into())),
         r.comparison_to_branch.map_or(Value::Null, Value::Str),
         Value::Float(r.ci_width),
         opt_float(r.point),

@@ -150,12 +150,8 @@ impl Pipeline {
     ) -> Result<(), StateError> {
         let exp = self.fold.config().experiments[x].clone();
         let started = Instant::now();
-        let tables = materialize::build(
-            &exp,
-            self.fold.store(),
-            due,
-            self.fold.config().pipeline.replicates,
-        )?;
+        let tables =
+            materialize::build(&exp, self.fold.store(), due, &self.fold.config().pipeline)?;
         self.times.materialize += started.elapsed();
         // Aggregate tables precede their statistics table, so the statistics table's
         // record (which decides "published") is written only after all of a window's tables.

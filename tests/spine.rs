@@ -19,6 +19,7 @@ enrollment_period = 2
 end_date = "2026-11-10"
 analysis_bases = ["enrollments", "exposures"]
 segments = [{ name = "windows_users", where = 'os = "Windows"' }]
+metrics = [{ name = "active_hours", field = "active_hours", aggregation = "sum", statistics = ["sum", "count", "mean"] }]
 "#;
 
 /// Analysis length: 2026-11-10 minus the last enrollment date 2026-11-02 = 8 days:
@@ -66,6 +67,26 @@ fn get(rows: &[serde_json::Value], client: &str, col: &str) -> serde_json::Value
     row(rows, client)[col].clone()
 }
 
+fn stat_row<'a>(
+    rows: &'a [serde_json::Value],
+    segment: &str,
+    metric: &str,
+    statistic: &str,
+    branch: &str,
+    basis: &str,
+) -> &'a serde_json::Value {
+    rows.iter()
+        .find(|r| {
+            r["segment"] == segment
+                && r["metric"] == metric
+                && r["statistic"] == statistic
+                && r["branch"] == branch
+                && r["analysis_basis"] == basis
+                && r["comparison"].is_null()
+        })
+        .unwrap_or_else(|| panic!("no {segment}/{metric}/{statistic}/{branch}/{basis}"))
+}
+
 fn stat(
     rows: &[serde_json::Value],
     segment: &str,
@@ -74,15 +95,7 @@ fn stat(
     branch: &str,
     basis: &str,
 ) -> f64 {
-    rows.iter()
-        .find(|r| {
-            r["segment"] == segment
-                && r["metric"] == metric
-                && r["statistic"] == statistic
-                && r["branch"] == branch
-                && r["analysis_basis"] == basis
-        })
-        .unwrap_or_else(|| panic!("no {segment}/{metric}/{statistic}/{branch}/{basis}"))["point"]
+    stat_row(rows, segment, metric, statistic, branch, basis)["point"]
         .as_f64()
         .unwrap()
 }
@@ -201,6 +214,45 @@ fn hand_written_events_give_exact_tables() {
     assert_eq!(
         stat(&s1, "all", "identity", "count", "treatment", "exposures"),
         1.0
+    );
+    // One control client: its mean is exact, interval included. Two treatment clients
+    // (1.0 and 0.0): a bootstrap mean strictly inside, with an interval around it.
+    let m = stat_row(&s1, "all", "active_hours", "mean", "control", "enrollments");
+    assert_eq!(
+        (
+            m["point"].as_f64(),
+            m["lower"].as_f64(),
+            m["upper"].as_f64()
+        ),
+        (Some(4.0), Some(4.0), Some(4.0))
+    );
+    let m = stat_row(
+        &s1,
+        "all",
+        "active_hours",
+        "mean",
+        "treatment",
+        "enrollments",
+    );
+    let (point, lower, upper) = (
+        m["point"].as_f64().unwrap(),
+        m["lower"].as_f64().unwrap(),
+        m["upper"].as_f64().unwrap(),
+    );
+    assert!(
+        0.0 < lower && lower < point && point < upper && upper < 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        stat(
+            &s1,
+            "all",
+            "active_hours",
+            "count",
+            "treatment",
+            "enrollments"
+        ),
+        2.0
     );
     let weekly = table(&out, "statistics_hand_test_weekly");
     assert_eq!(weekly.len(), s1.len());

@@ -18,3 +18,8 @@ cargo clippy --all-targets --locked -- -D warnings
 
 echo "== cargo test"
 cargo test --all-targets --locked
+
+# The statistics calibration simulations (thousands of A/A experiments) need an optimized
+# build; in debug builds they are skipped.
+echo "== cargo test --release (statistics calibration)"
+cargo test --release --locked --lib stats::tests::calibration
