@@ -96,6 +96,8 @@ pub struct Fold {
     published_until: Vec<Option<Day>>,
     fields: Vec<(u16, f64)>,
     tags: Vec<(u16, u16)>,
+    /// Activity sketches touched since the last flush (DAU/MAU).
+    sketches: crate::sketch::SketchBuffer,
     pub stats: FoldStats,
     logged_rejects: [bool; RejectReason::ALL.len()],
 }
@@ -147,6 +149,7 @@ impl Fold {
             .iter()
             .map(|e| store.published(&e.slug))
             .collect::<Result<_, _>>()?;
+        let cfg_sketch = cfg.pipeline.sketch_config();
         let mut fold = Fold {
             cfg,
             store,
@@ -161,6 +164,7 @@ impl Fold {
             published_until: Vec::new(),
             fields: Vec::new(),
             tags: Vec::new(),
+            sketches: crate::sketch::SketchBuffer::new(&cfg_sketch),
             stats: FoldStats::default(),
             logged_rejects: [false; RejectReason::ALL.len()],
         };
@@ -312,6 +316,7 @@ impl Fold {
 
     fn apply_telemetry(&mut self, partition: u32, t: &TelemetryEvent<'_>) {
         let day = t.submission_timestamp.day();
+        self.record_sketches(day, t);
         if !self
             .exps
             .iter()
@@ -371,6 +376,28 @@ impl Fold {
             .filter(|w| self.published[x].contains_key(&w.statistics_table(exp)))
             .map(|w| info.last_enrollment_day.plus(i64::from(w.end)))
             .max()
+    }
+
+    /// Every telemetry event, enrolled or not, counts in the activity sketches of its day;
+    /// tagged events of configured experiments also in their (experiment, branch) sketch.
+    fn record_sketches(&mut self, day: Day, t: &TelemetryEvent<'_>) {
+        let date = day.date();
+        let dims: Vec<(&str, &str)> = t
+            .dimensions
+            .iter()
+            .map(|(k, v)| (k.as_ref(), v.as_ref()))
+            .collect();
+        self.sketches.record_activity(date, &t.client_id, &dims);
+        let layout = self.store.layout();
+        for (slug, branch) in &t.experiments {
+            if layout
+                .tag(slug, branch)
+                .is_some_and(|(_, b)| b != crate::state::UNKNOWN_BRANCH)
+            {
+                self.sketches
+                    .record_branch(date, &t.client_id, slug, branch);
+            }
+        }
     }
 
     /// Marks every published window whose span of absolute days holds `day` as touched.
@@ -449,7 +476,18 @@ impl Fold {
                 );
             }
         }
+        let sketch_writes =
+            self.sketches
+                .prepare_flush(&self.store)
+                .map_err(|e| StateError::Corrupt {
+                    key: "activity sketch".into(),
+                    detail: e.to_string(),
+                })?;
+        for (key, bytes) in sketch_writes {
+            batch.insert([&[state::SKETCH_PREFIX][..], &key].concat(), bytes);
+        }
         self.store.apply(batch)?;
+        self.sketches.clear();
         tracing::debug!(offsets = ?p.offsets, "flushed batch");
         self.watermark_day = self.watermark(None).map(|t| t.day());
         // Keep the days a stream still touches; drop the rest (all are clean now).

@@ -67,10 +67,25 @@ pub struct PipelineConfig {
     pub batch_millis: u64,
     /// Bootstrap replicates for the statistics.
     pub replicates: usize,
+    /// HyperLogLog precision of the activity sketches (4..=18; 12 gives ~1.6% error).
+    pub sketch_precision: u8,
+    /// Longest date range one HTTP query may span.
+    pub max_query_days: u32,
     /// Where the capped mean's cap comes from: re-estimated per bootstrap replicate
     /// (calibrated intervals, the default) or once per branch (Jetstream's definition).
     pub mean_cap: crate::stats::CapMode,
     pub kafka: KafkaConfig,
+}
+
+impl PipelineConfig {
+    /// The sketch layer's settings (validated when the config was loaded).
+    pub fn sketch_config(&self) -> crate::sketch::SketchConfig {
+        crate::sketch::SketchConfig {
+            dimensions: crate::sketch::Dimensions::new(self.dimensions.iter()).expect("validated"),
+            precision: crate::sketch::Precision::new(self.sketch_precision).expect("validated"),
+            max_range_days: self.max_query_days,
+        }
+    }
 }
 
 impl Default for PipelineConfig {
@@ -86,6 +101,8 @@ impl Default for PipelineConfig {
             batch_millis: 1_000,
             replicates: 1_000,
             mean_cap: crate::stats::CapMode::PerReplicate,
+            sketch_precision: 12,
+            max_query_days: 366,
             kafka: KafkaConfig::default(),
         }
     }
@@ -601,6 +618,23 @@ fn validate_pipeline(file: &Path, p: &PipelineConfig, problems: &mut Vec<ConfigP
             file,
             "pipeline.replicates",
             format!("{}; expected 10..=100000", p.replicates),
+        ));
+    }
+    if let Err(e) = crate::sketch::Precision::new(p.sketch_precision) {
+        problems.push(problem(
+            file,
+            "pipeline.sketch_precision",
+            format!("{e}; expected 4..=18 (12 is the default)"),
+        ));
+    }
+    if let Err(e) = crate::sketch::Dimensions::new(p.dimensions.iter()) {
+        problems.push(problem(file, "pipeline.dimensions", format!("{e}")));
+    }
+    if !(1..=3660).contains(&p.max_query_days) {
+        problems.push(problem(
+            file,
+            "pipeline.max_query_days",
+            format!("{}; expected 1..=3660", p.max_query_days),
         ));
     }
     let mut seen = BTreeSet::new();

@@ -19,6 +19,9 @@
 //! - [`stats`]: statistics over one window's aggregates.
 //! - [`publish`]: the table model and sinks (local NDJSON files by default).
 //! - [`pipeline`]: the driver: flush, decide what is due, publish.
+//! - [`sketch`]: HyperLogLog++ activity sketches (DAU/WAU/MAU by any dimensions), their
+//!   byte format, keys, rollups and query planner.
+//! - [`http`]: the HTTP API (axum) over the sketches and state.
 //! - [`generate`]: synthetic events for trying things out and for tests.
 
 pub mod aggregate;
@@ -26,10 +29,12 @@ pub mod apply;
 pub mod config;
 pub mod event;
 pub mod generate;
+pub mod http;
 pub mod ingest;
 pub mod materialize;
 pub mod pipeline;
 pub mod publish;
+pub mod sketch;
 pub mod state;
 pub mod stats;
 pub mod window;

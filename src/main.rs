@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -90,6 +91,19 @@ enum Command {
         /// Stop (cleanly) after this many seconds without a message.
         #[arg(long)]
         idle_exit_secs: Option<u64>,
+        /// Serve the HTTP API on this address while consuming (e.g. 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Serve the HTTP API over an existing data directory (no consuming).
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value = "state")]
+        data_dir: PathBuf,
+        /// Address to bind; loopback by default.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
     },
     /// Fold an NDJSON event file into state and publish windows as they complete.
     Replay {
@@ -263,12 +277,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve {
+            config,
+            data_dir,
+            listen,
+        } => {
+            let cfg = Arc::new(load_config(&config)?);
+            let store = Store::open(&data_dir, &cfg)?;
+            let api = slipstream::http::Api::new(store, cfg);
+            api.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                let listener = tokio::net::TcpListener::bind(&listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                eprintln!("serving on http://{}", listener.local_addr()?);
+                slipstream::http::serve(listener, api, shutdown_signal()).await?;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run {
             config,
             brokers,
             data_dir,
             output,
             idle_exit_secs,
+            listen,
         } => {
             let cfg = load_config(&config)?;
             let sink = sink(&output)?;
@@ -277,19 +312,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let sources = [k.enrollments_topic.clone(), k.telemetry_topic.clone()];
             let fold = Fold::new(cfg.clone(), store, &[&sources[0], &sources[1]])?;
             let mut pipeline = Pipeline::new(fold, sink);
-            let opts = ingest::stream::RunOptions {
-                idle_exit: idle_exit_secs.map(std::time::Duration::from_secs),
-            };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
+            let mut opts = ingest::stream::RunOptions {
+                idle_exit: idle_exit_secs.map(std::time::Duration::from_secs),
+                ready: None,
+            };
+            let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = match listen {
+                Some(addr) => {
+                    let api = slipstream::http::Api::new(
+                        pipeline.fold.store().clone(),
+                        Arc::new(cfg.clone()),
+                    );
+                    opts.ready = Some(api.ready.clone());
+                    let listener = rt
+                        .block_on(tokio::net::TcpListener::bind(&addr))
+                        .with_context(|| format!("cannot listen on {addr}"))?;
+                    eprintln!("serving on http://{}", listener.local_addr()?);
+                    Some(rt.spawn(slipstream::http::serve(listener, api, async {
+                        let _ = http_stopped.await;
+                    })))
+                }
+                None => None,
+            };
             let s = rt.block_on(ingest::stream::run(
                 &mut pipeline,
                 &brokers,
                 &opts,
                 shutdown_signal(),
             ))?;
+            let _ = stop_http.send(());
+            if let Some(server) = server {
+                rt.block_on(server)??;
+            }
             println!(
                 "consumed {} messages: {} folded, {} rejected; published {} tables ({} rows) to {}",
                 s.messages,

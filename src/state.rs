@@ -229,6 +229,33 @@ pub struct EnrollmentEntry {
     pub record: EnrollmentRecord,
 }
 
+/// Sketch keys live under this prefix (the sketch module's own key bytes follow it).
+pub const SKETCH_PREFIX: u8 = b'H';
+
+impl crate::sketch::SketchSource for Store {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, crate::sketch::SketchError> {
+        let full = [&[SKETCH_PREFIX][..], key].concat();
+        Ok(self
+            .db
+            .get(full)
+            .map_err(crate::sketch::SketchError::store)?
+            .map(|v| v.to_vec()))
+    }
+
+    fn scan_prefix(
+        &self,
+        prefix: &[u8],
+        visit: &mut crate::sketch::query::Visit<'_>,
+    ) -> Result<(), crate::sketch::SketchError> {
+        let full = [&[SKETCH_PREFIX][..], prefix].concat();
+        for kv in self.db.scan_prefix(full) {
+            let (k, v) = kv.map_err(crate::sketch::SketchError::store)?;
+            visit(&k[1..], &v)?;
+        }
+        Ok(())
+    }
+}
+
 /// The sled-backed store.
 #[derive(Clone)]
 pub struct Store {

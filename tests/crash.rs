@@ -11,6 +11,7 @@ use common::*;
 const CONFIG: &str = r#"
 [pipeline]
 republish_threshold = 0.0
+replicates = 50
 batch_events = 400
 
 [[experiment]]

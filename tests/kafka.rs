@@ -25,6 +25,7 @@ fn config(dir: &Path, name: &str, format: &str) -> std::path::PathBuf {
             r#"
 [pipeline]
 republish_threshold = 0.0
+replicates = 50
 batch_events = 2000
 batch_millis = 200
 

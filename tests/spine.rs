@@ -9,6 +9,7 @@ const CONFIG: &str = r#"
 [pipeline]
 allowed_lateness_hours = 24
 republish_threshold = 0.0
+replicates = 50
 batch_events = 3
 
 [[experiment]]

@@ -68,6 +68,8 @@ impl OffsetStore for Positions {
 pub struct RunOptions {
     /// Stop after this long without a message (for batch-like use and tests).
     pub idle_exit: Option<Duration>,
+    /// Raised once the consumer owns partitions (the HTTP `/readyz`).
+    pub ready: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Totals of a run, printed at exit.
@@ -161,6 +163,9 @@ pub async fn run(
         }
         if assigned != last_assigned {
             last_assigned = assigned;
+            if let Some(r) = &opts.ready {
+                r.store(assigned > 0, std::sync::atomic::Ordering::Relaxed);
+            }
             last_message = Instant::now(); // new partitions: give them time to deliver
         }
         // Flush a full batch, or a batch that waited long enough; on a quiet stream, still

@@ -1,0 +1,321 @@
+//! The HTTP API against the real server on an ephemeral port: DAU/WAU/MAU accuracy against
+//! exact distinct counts, union semantics, answers that survive a restart, bad requests.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use serde_json::Value;
+use slipstream::event::{decode_json, Event, Kind};
+
+/// A running `slipstream serve`; killed on drop.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(cfg: &Path, state: &Path) -> Server {
+        let mut child = Command::new(bin())
+            .args([
+                "serve",
+                "--config",
+                p(cfg),
+                "--data-dir",
+                p(state),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let base = loop {
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .unwrap();
+            if let Some(addr) = line.strip_prefix("serving on ") {
+                break addr.trim().to_string();
+            }
+        };
+        Server { child, base }
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        let r = reqwest::blocking::get(format!("{}{path}", self.base)).unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
+
+    fn ok(&self, path: &str) -> Value {
+        let (status, body) = self.get(path);
+        assert_eq!(status, 200, "{path}: {body}");
+        body
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CONFIG: &str = r#"
+[pipeline]
+replicates = 50
+# Few registers so that 2,000 clients already reach the dense HLL regime (~6.5% error).
+sketch_precision = 8
+
+[[experiment]]
+slug = "http-test"
+branches = ["control", "treatment"]
+enrollment_start = "2026-11-01"
+enrollment_period = 3
+end_date = "2026-11-20"
+"#;
+
+/// Exact distinct clients per (date, os, channel) from the events the service accepts.
+fn exact_activity(events: &Path) -> BTreeMap<chrono::NaiveDate, Vec<(String, String, String)>> {
+    let mut by_day: BTreeMap<chrono::NaiveDate, Vec<(String, String, String)>> = BTreeMap::new();
+    for line in std::fs::read_to_string(events).unwrap().lines() {
+        if let Ok(Event::Telemetry(t)) = decode_json(line.as_bytes(), Kind::Any, 1 << 20) {
+            let dim = |k: &str| {
+                t.dimensions
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.to_string())
+                    .unwrap_or_default()
+            };
+            by_day
+                .entry(t.submission_timestamp.day().date())
+                .or_default()
+                .push((t.client_id.to_string(), dim("os"), dim("channel")));
+        }
+    }
+    by_day
+}
+
+#[test]
+fn counts_are_accurate_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "c.toml", CONFIG);
+    let events = dir.path().join("events.ndjson");
+    slipstream(&[
+        "generate",
+        "--config",
+        p(&cfg),
+        "--clients",
+        "2000",
+        "--seed",
+        "3",
+        "--out",
+        p(&events),
+    ]);
+    let state = dir.path().join("state");
+    slipstream(&[
+        "replay",
+        "--config",
+        p(&cfg),
+        "--input",
+        p(&events),
+        "--data-dir",
+        p(&state),
+        "--out",
+        p(&dir.path().join("out")),
+    ]);
+    let activity = exact_activity(&events);
+    let exact =
+        |end: chrono::NaiveDate, days: i64, os: Option<&str>, channel: Option<&str>| -> usize {
+            let mut set = BTreeSet::new();
+            for (d, rows) in activity.range(end - chrono::Days::new(days as u64 - 1)..=end) {
+                let _ = d;
+                for (c, o, ch) in rows {
+                    if os.is_none_or(|x| x == o) && channel.is_none_or(|x| x == ch) {
+                        set.insert(c.clone());
+                    }
+                }
+            }
+            set.len()
+        };
+    let server = Server::start(&cfg, &state);
+    let mut zs = Vec::new();
+    let mut answers = Vec::new();
+    let dates: Vec<chrono::NaiveDate> = (0..20)
+        .map(|i| chrono::NaiveDate::from_ymd_opt(2026, 11, 1).unwrap() + chrono::Days::new(i))
+        .collect();
+    for (i, date) in dates.iter().enumerate() {
+        for (endpoint, days) in [("dau", 1), ("wau", 7), ("mau", 28)] {
+            if days > 1 && i % 3 != 0 {
+                continue;
+            }
+            for (os, channel) in [
+                (None, None),
+                (Some("Windows"), None),
+                (None, Some("release")),
+                (Some("Mac"), Some("release")),
+            ] {
+                let mut path = format!("/v1/{endpoint}?date={date}");
+                if let Some(o) = os {
+                    path.push_str(&format!("&os={o}"));
+                }
+                if let Some(c) = channel {
+                    path.push_str(&format!("&channel={c}"));
+                }
+                let body = server.ok(&path);
+                let (est, se) = (
+                    body["estimate"].as_f64().unwrap(),
+                    body["standard_error"].as_f64().unwrap(),
+                );
+                let truth = exact(*date, days, os, channel) as f64;
+                assert!(
+                    (est - truth).abs() <= 3.0 * se + 1.0,
+                    "{path}: estimate {est} ± {se}, exact {truth}"
+                );
+                assert!(
+                    body["lower"].as_f64().unwrap() <= est
+                        && est <= body["upper"].as_f64().unwrap()
+                );
+                if truth > 300.0 {
+                    zs.push((est - truth) / se);
+                }
+                answers.push((path, body));
+            }
+        }
+    }
+    assert!(answers.len() >= 48, "{} queries", answers.len());
+    assert!(
+        zs.len() >= 20,
+        "only {} answers in the dense regime",
+        zs.len()
+    );
+    let rms = (zs.iter().map(|z| z * z).sum::<f64>() / zs.len() as f64).sqrt();
+    assert!((0.4..=1.6).contains(&rms), "RMS of z-scores {rms} over {} answers: the reported standard error does not match the spread", zs.len());
+    eprintln!(
+        "http accuracy: {} queries, RMS z {rms:.2} over {} dense answers",
+        answers.len(),
+        zs.len()
+    );
+
+    // Restart the service over the same state: identical answers.
+    drop(server);
+    let server = Server::start(&cfg, &state);
+    for (path, before) in &answers {
+        assert_eq!(&server.ok(path), before, "{path} changed across a restart");
+    }
+}
+
+#[test]
+fn a_client_counts_once_across_days_and_dimension_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "c.toml", CONFIG);
+    // X: active three days; on 11-05 it upgrades from 133 to 134. Y: one day, tagged.
+    let events = write(
+        dir.path(),
+        "events.ndjson",
+        r#"{"client_id":"X","submission_timestamp":"2026-11-03T10:00:00Z","dimensions":{"os":"Linux","app_version":"133"}}
+{"client_id":"X","submission_timestamp":"2026-11-05T09:00:00Z","dimensions":{"os":"Linux","app_version":"133"}}
+{"client_id":"X","submission_timestamp":"2026-11-05T18:00:00Z","dimensions":{"os":"Linux","app_version":"134"}}
+{"client_id":"X","submission_timestamp":"2026-11-07T10:00:00Z","dimensions":{"os":"Linux","app_version":"134"}}
+{"client_id":"Y","submission_timestamp":"2026-11-05T12:00:00Z","experiments":{"http-test":"treatment"},"dimensions":{"os":"Mac","app_version":"134"}}
+"#,
+    );
+    let state = dir.path().join("state");
+    slipstream(&[
+        "replay",
+        "--config",
+        p(&cfg),
+        "--input",
+        p(&events),
+        "--data-dir",
+        p(&state),
+        "--out",
+        p(&dir.path().join("out")),
+    ]);
+    let s = Server::start(&cfg, &state);
+    let est = |path: &str| s.ok(path)["estimate"].as_f64().unwrap();
+    assert_eq!(est("/v1/mau?date=2026-11-07"), 2.0);
+    assert_eq!(est("/v1/mau?date=2026-11-07&os=Linux"), 1.0);
+    assert_eq!(est("/v1/dau?date=2026-11-05"), 2.0);
+    assert_eq!(est("/v1/dau?date=2026-11-05&app_version=133"), 1.0);
+    assert_eq!(est("/v1/dau?date=2026-11-05&app_version=134"), 2.0);
+    assert_eq!(est("/v1/wau?date=2026-11-07&os=Linux&app_version=134"), 1.0);
+    assert_eq!(est("/v1/dau?date=2026-11-04"), 0.0);
+    let groups = s.ok("/v1/dau?date=2026-11-05&group_by=app_version")["groups"].clone();
+    assert_eq!(groups.as_array().unwrap().len(), 2, "{groups}");
+    assert_eq!(groups[0]["app_version"], "133");
+    assert_eq!(groups[0]["estimate"], 1.0);
+    assert_eq!(groups[1]["app_version"], "134");
+    assert_eq!(groups[1]["estimate"], 2.0);
+    let series = s.ok("/v1/dau?start=2026-11-03&end=2026-11-05")["series"].clone();
+    let counts: Vec<f64> = series
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["estimate"].as_f64().unwrap())
+        .collect();
+    assert_eq!(counts, vec![1.0, 0.0, 2.0]);
+    let e = s.ok("/v1/engagement?date=2026-11-07&os=Linux");
+    assert_eq!(e["estimate"].as_f64(), Some(1.0)); // DAU 1 / MAU 1
+    let b = s.ok("/v1/experiments/http-test/dau?date=2026-11-05");
+    assert_eq!(b["branches"][0]["branch"], "control");
+    assert_eq!(b["branches"][0]["estimate"], 0.0);
+    assert_eq!(b["branches"][1]["estimate"], 1.0);
+    // The union sketch decodes and counts the same.
+    let sk = s.ok("/v1/sketch?start=2026-11-03&end=2026-11-07&os=Linux");
+    let mut sketch =
+        slipstream::sketch::Sketch::from_base64(sk["sketch"].as_str().unwrap()).unwrap();
+    assert_eq!(sketch.estimate().round(), 1.0);
+    assert_eq!(sk["format_version"], 1);
+}
+
+#[test]
+fn bad_requests_get_a_400_that_names_the_parameter() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "c.toml", CONFIG);
+    let events = write(dir.path(), "e.ndjson", "");
+    let state = dir.path().join("state");
+    slipstream(&[
+        "replay",
+        "--config",
+        p(&cfg),
+        "--input",
+        p(&events),
+        "--data-dir",
+        p(&state),
+        "--out",
+        p(&dir.path().join("out")),
+    ]);
+    let s = Server::start(&cfg, &state);
+    for (path, needle) in [
+        ("/v1/dau", "expected either"),
+        ("/v1/dau?date=2026-02-30", "`date`"),
+        ("/v1/dau?date=2026-11-01&planet=mars", "`planet`"),
+        (
+            "/v1/dau?date=2026-11-01&group_by=os,channel,country",
+            "at most 2",
+        ),
+        ("/v1/dau?date=2026-11-01&group_by=planet", "`planet`"),
+        ("/v1/mau?start=2026-01-01&end=2026-12-31", "maximum is 366"),
+        ("/v1/dau?start=2026-11-05&end=2026-11-01", "before"),
+        (
+            "/v1/experiments/no-such/dau?date=2026-11-01",
+            "not configured",
+        ),
+    ] {
+        let (status, body) = s.get(path);
+        assert!(status == 400 || status == 404, "{path}: {status}");
+        assert!(
+            body["error"].as_str().unwrap_or("").contains(needle),
+            "{path}: {body}"
+        );
+    }
+    assert_eq!(s.get("/healthz").0, 200);
+    assert_eq!(s.get("/readyz").0, 200);
+    assert_eq!(s.get("/nope").0, 404);
+}
