@@ -75,6 +75,21 @@ pub struct PipelineConfig {
     /// (calibrated intervals, the default) or once per branch (Jetstream's definition).
     pub mean_cap: crate::stats::CapMode,
     pub kafka: KafkaConfig,
+    /// Publish to BigQuery instead of local files (the `--bigquery` flags override it).
+    pub bigquery: Option<BigQuerySettings>,
+}
+
+/// Where and how to publish to BigQuery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BigQuerySettings {
+    /// `PROJECT.DATASET`.
+    pub target: String,
+    /// Emulator endpoints (plain text, no credentials); unset for Google's.
+    pub rest_url: Option<String>,
+    pub grpc_url: Option<String>,
+    /// Longest one table's publication may take before it is retried later (default 60).
+    pub timeout_secs: Option<u64>,
 }
 
 impl PipelineConfig {
@@ -104,6 +119,7 @@ impl Default for PipelineConfig {
             sketch_precision: 12,
             max_query_days: 366,
             kafka: KafkaConfig::default(),
+            bigquery: None,
         }
     }
 }

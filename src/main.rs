@@ -14,6 +14,7 @@ use slipstream::event::{decode_json, encode_protobuf, Kind};
 use slipstream::generate::{generate, GenerateOptions};
 use slipstream::ingest;
 use slipstream::pipeline::Pipeline;
+use slipstream::publish::bigquery::{BigQueryConfig, BigQuerySink};
 use slipstream::publish::{local::LocalSink, Sink};
 use slipstream::state::Store;
 
@@ -36,8 +37,17 @@ struct Cli {
 #[derive(clap::Args)]
 struct Output {
     /// Write tables as NDJSON files into this directory (the local sink).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "bigquery")]
     out: Option<PathBuf>,
+    /// Publish to BigQuery: PROJECT.DATASET (overrides [pipeline.bigquery] target).
+    #[arg(long)]
+    bigquery: Option<String>,
+    /// BigQuery REST endpoint, for an emulator (e.g. http://127.0.0.1:9050).
+    #[arg(long)]
+    bigquery_rest: Option<String>,
+    /// BigQuery Storage gRPC endpoint, for an emulator (e.g. http://127.0.0.1:9060).
+    #[arg(long)]
+    bigquery_grpc: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -122,13 +132,31 @@ fn load_config(path: &Path) -> anyhow::Result<Config> {
     config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn sink(output: &Output) -> anyhow::Result<Box<dyn Sink>> {
-    match &output.out {
-        Some(dir) => Ok(Box::new(LocalSink::new(dir).with_context(|| {
+/// The sink chosen by flags, else by `[pipeline.bigquery]` in config.
+fn sink(output: &Output, cfg: &Config) -> anyhow::Result<Box<dyn Sink>> {
+    if let Some(dir) = &output.out {
+        return Ok(Box::new(LocalSink::new(dir).with_context(|| {
             format!("cannot create output directory {}", dir.display())
-        })?)),
-        None => anyhow::bail!("no output given: pass --out DIR for the local sink"),
+        })?));
     }
+    let from_config = cfg.pipeline.bigquery.as_ref();
+    let Some(target) = output.bigquery.as_ref().or(from_config.map(|b| &b.target)) else {
+        anyhow::bail!("no output given: pass --out DIR (local files) or --bigquery PROJECT.DATASET, or set [pipeline.bigquery] target");
+    };
+    let mut bq = BigQueryConfig::from_target(target)
+        .map_err(|e| anyhow::anyhow!("--bigquery {target}: {e}"))?;
+    bq.rest_url = output
+        .bigquery_rest
+        .clone()
+        .or_else(|| from_config.and_then(|b| b.rest_url.clone()));
+    bq.grpc_url = output
+        .bigquery_grpc
+        .clone()
+        .or_else(|| from_config.and_then(|b| b.grpc_url.clone()));
+    if let Some(secs) = from_config.and_then(|b| b.timeout_secs) {
+        bq.timeout = std::time::Duration::from_secs(secs);
+    }
+    Ok(Box::new(BigQuerySink::new(bq)?))
 }
 
 fn print_rejects(pipeline: &Pipeline) {
@@ -306,7 +334,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
         } => {
             let cfg = load_config(&config)?;
-            let sink = sink(&output)?;
+            let sink = sink(&output, &cfg)?;
             let store = Store::open(&data_dir, &cfg)?;
             let k = &cfg.pipeline.kafka;
             let sources = [k.enrollments_topic.clone(), k.telemetry_topic.clone()];
@@ -371,7 +399,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
         } => {
             let cfg = load_config(&config)?;
-            let sink = sink(&output)?;
+            let sink = sink(&output, &cfg)?;
             let store = Store::open(&data_dir, &cfg)?;
             let source = ingest::file::source_name(&input);
             let fold = Fold::new(cfg, store, &[&source])?;

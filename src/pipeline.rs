@@ -53,6 +53,10 @@ pub struct Pipeline {
     pub published_tables: u64,
     pub publish_failures: u64,
     pub times: PhaseTimes,
+    /// Current retry delay after transient sink failures (zero when healthy).
+    backoff: Duration,
+    /// No publication pass before this instant.
+    backoff_until: Option<Instant>,
 }
 
 fn now_micros() -> i64 {
@@ -67,6 +71,8 @@ impl Pipeline {
             published_tables: 0,
             publish_failures: 0,
             times: PhaseTimes::default(),
+            backoff: Duration::ZERO,
+            backoff_until: None,
         }
     }
 
@@ -74,11 +80,13 @@ impl Pipeline {
         self.sink.describe()
     }
 
-    /// Whether a publication record says the table needs (re)publishing.
-    fn needs(&self, rec: Option<&PublishedRecord>, ready: bool) -> bool {
+    /// Whether a publication record says the table needs (re)publishing. A table whose
+    /// last failure was permanent waits for a forced pass (`finalize`).
+    fn needs(&self, rec: Option<&PublishedRecord>, ready: bool, force: bool) -> bool {
         let threshold = self.fold.config().pipeline.republish_threshold;
         match rec {
             None => ready,
+            Some(r) if r.permanent => force && ready,
             Some(r) if r.published_at == 0 => ready, // only failures so far
             Some(r) => r.late_events > 0 && r.late_events as f64 > threshold * r.rows as f64,
         }
@@ -93,12 +101,12 @@ impl Pipeline {
         for w in window::windows(exp) {
             let rec = published.get(&w.statistics_table(exp));
             let dirty_forced = force && rec.is_some_and(|r| r.late_events > 0);
-            if self.needs(rec, reached(w.complete_at(exp))) || dirty_forced {
+            if self.needs(rec, reached(w.complete_at(exp)), force) || dirty_forced {
                 due.windows.push(w);
             }
         }
         let rec = published.get(&enrollments_table(exp));
-        due.enrollments = self.needs(rec, reached(window::enrollment_closed_at(exp)))
+        due.enrollments = self.needs(rec, reached(window::enrollment_closed_at(exp)), force)
             || (force && rec.is_some_and(|r| r.late_events > 0));
         due
     }
@@ -114,6 +122,9 @@ impl Pipeline {
         self.fold.flush()?;
         self.times.flush += started.elapsed();
         let mut report = PublishReport::default();
+        if self.backoff_until.is_some_and(|t| Instant::now() < t) {
+            return Ok(report); // the sink is down: keep folding, publish later
+        }
         for x in 0..self.fold.config().experiments.len() {
             let due = self.due(x, watermark, force);
             if due.windows.is_empty() && !due.enrollments {
@@ -136,7 +147,9 @@ impl Pipeline {
                 }),
             }
             for chunk in chunks {
-                self.publish_chunk(x, &chunk, &mut report)?;
+                if !self.publish_chunk(x, &chunk, &mut report)? {
+                    return Ok(report);
+                }
             }
         }
         Ok(report)
@@ -147,7 +160,7 @@ impl Pipeline {
         x: usize,
         due: &Due,
         report: &mut PublishReport,
-    ) -> Result<(), StateError> {
+    ) -> Result<bool, StateError> {
         let exp = self.fold.config().experiments[x].clone();
         let started = Instant::now();
         let tables =
@@ -184,11 +197,10 @@ impl Pipeline {
                     let rec = PublishedRecord {
                         rows,
                         published_at: now_micros(),
-                        late_events: 0,
-                        failures: 0,
-                        last_error: None,
+                        ..Default::default()
                     };
                     self.fold.set_published(x, &table.name, rec)?;
+                    self.backoff = Duration::ZERO;
                 }
                 Err(e) => {
                     self.publish_failures += 1;
@@ -202,7 +214,19 @@ impl Pipeline {
                         .unwrap_or_default();
                     rec.failures += 1;
                     rec.last_error = Some(e.to_string());
+                    let permanent = matches!(e, PublishError::Permanent { .. });
+                    rec.permanent = permanent;
                     self.fold.set_published(x, &table.name, rec)?;
+                    if !permanent {
+                        // Transient: the sink is down or overloaded. Stop this pass and back
+                        // off (capped, with jitter); folding goes on meanwhile.
+                        self.backoff =
+                            (self.backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
+                        let jitter = rand::random_range(0.8..1.2);
+                        self.backoff_until = Some(Instant::now() + self.backoff.mul_f64(jitter));
+                        tracing::warn!(backoff = ?self.backoff, "sink unavailable: publishing again after the backoff");
+                        return Ok(false);
+                    }
                     if matches!(table.kind, TableKind::Aggregates) {
                         window_failed = Some(format!("{} failed", table.name));
                     }
@@ -220,9 +244,12 @@ impl Pipeline {
             }
         }
         tracing::info!(experiment = %exp.slug, windows = due.windows.len(), enrollments = due.enrollments, tables = tables.len(), elapsed = ?started.elapsed(), "published");
-        Ok(())
+        Ok(true)
     }
 }
+
+/// Longest wait between publication attempts while the sink fails.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// How often a long-running loop should flush, from config.
 pub fn batch_interval(fold: &Fold) -> Duration {

@@ -149,6 +149,8 @@ pub struct PublishedRecord {
     /// Failed attempts since the last success, and why the last one failed.
     pub failures: u32,
     pub last_error: Option<String>,
+    /// The last failure was permanent (schema, permission): not retried until forced.
+    pub permanent: bool,
 }
 
 /// Key builders. Integers are big-endian so that sled's byte order is numeric order.

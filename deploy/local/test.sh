@@ -10,6 +10,10 @@ SLIPSTREAM_TANSU="$(deploy/local/install-tansu.sh | tail -n 1)"
 export SLIPSTREAM_TANSU
 echo "tansu: $SLIPSTREAM_TANSU"
 
+SLIPSTREAM_BQEMULATOR="$(deploy/local/install-bqemulator.sh | tail -n 1)"
+export SLIPSTREAM_BQEMULATOR
+echo "bqemulator: $SLIPSTREAM_BQEMULATOR"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

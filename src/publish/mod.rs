@@ -4,6 +4,7 @@
 //! one copy of each row (DESIGN.md section 5). The local sink is the embedded default;
 //! the BigQuery sink is another implementation of the same trait.
 
+pub mod bigquery;
 pub mod local;
 
 use chrono::NaiveDate;

@@ -63,4 +63,5 @@ pub fn all_tables(dir: &Path) -> std::collections::BTreeMap<String, String> {
     out
 }
 
+pub mod bqemulator;
 pub mod broker;
