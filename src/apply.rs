@@ -48,6 +48,10 @@ struct Pending {
     rejects: [u64; RejectReason::ALL.len()],
     /// (experiment index, table) -> late events that may change it.
     late: BTreeMap<(usize, String), u64>,
+    /// Late events per published activity-sketch table.
+    late_global: BTreeMap<String, u64>,
+    /// Days whose sketches this batch touches.
+    activity_days: std::collections::BTreeSet<Day>,
     events: usize,
 }
 
@@ -88,6 +92,8 @@ pub struct Fold {
     reject_totals: [u64; RejectReason::ALL.len()],
     /// Publication records per experiment (the fold marks them late).
     published: Vec<BTreeMap<String, PublishedRecord>>,
+    /// Publication records of the activity-sketch tables.
+    published_global: BTreeMap<String, PublishedRecord>,
     /// Watermark day after the last flush: the cache keeps days from the day before it.
     watermark_day: Option<Day>,
     /// Per experiment, the last absolute day any published window covers: telemetry on
@@ -150,7 +156,9 @@ impl Fold {
             .map(|e| store.published(&e.slug))
             .collect::<Result<_, _>>()?;
         let cfg_sketch = cfg.pipeline.sketch_config();
+        let published_global = store.published(state::GLOBAL)?;
         let mut fold = Fold {
+            published_global,
             cfg,
             store,
             exps,
@@ -382,6 +390,14 @@ impl Fold {
     /// tagged events of configured experiments also in their (experiment, branch) sketch.
     fn record_sketches(&mut self, day: Day, t: &TelemetryEvent<'_>) {
         let date = day.date();
+        if self.pending.activity_days.insert(day) {
+            // First event of this day in the batch: if the day is published, it is dirty.
+            // (Counted once per batch: the threshold compares batches with sketch rows.)
+            let table = window::activity_sketches_table(day);
+            if self.published_global.contains_key(&table) {
+                *self.pending.late_global.entry(table).or_default() += 1;
+            }
+        }
         let dims: Vec<(&str, &str)> = t
             .dimensions
             .iter()
@@ -467,6 +483,15 @@ impl Fold {
                 );
             }
         }
+        for day in &p.activity_days {
+            batch.insert(keys::activity_day(*day), &[]);
+        }
+        for (table, n) in &p.late_global {
+            if let Some(rec) = self.published_global.get_mut(table) {
+                rec.late_events += n;
+                batch.insert(keys::published(state::GLOBAL, table), state::encode(rec));
+            }
+        }
         for ((x, table), n) in &p.late {
             if let Some(rec) = self.published[*x].get_mut(table) {
                 rec.late_events += n;
@@ -526,22 +551,34 @@ impl Fold {
         Some(Timestamp(newest - lateness))
     }
 
-    /// Publication records of experiment `x`, as the fold tracks them.
-    pub fn published(&self, x: usize) -> &BTreeMap<String, PublishedRecord> {
-        &self.published[x]
+    /// Publication records of experiment `x` (or the global tables for `None`).
+    pub fn published(&self, x: Option<usize>) -> &BTreeMap<String, PublishedRecord> {
+        match x {
+            Some(x) => &self.published[x],
+            None => &self.published_global,
+        }
     }
 
-    /// Records a successful or failed publication (durably, outside the fold batch).
+    /// Records a successful or failed publication (durably, outside the fold batch) of a
+    /// table of experiment `x`, or of a global table for `None`.
     pub fn set_published(
         &mut self,
-        x: usize,
+        x: Option<usize>,
         table: &str,
         rec: PublishedRecord,
     ) -> Result<(), StateError> {
-        self.store
-            .set_published(&self.cfg.experiments[x].slug, table, &rec)?;
-        self.published[x].insert(table.to_string(), rec);
-        self.published_until[x] = self.compute_published_until(x);
+        match x {
+            Some(x) => {
+                self.store
+                    .set_published(&self.cfg.experiments[x].slug, table, &rec)?;
+                self.published[x].insert(table.to_string(), rec);
+                self.published_until[x] = self.compute_published_until(x);
+            }
+            None => {
+                self.store.set_published(state::GLOBAL, table, &rec)?;
+                self.published_global.insert(table.to_string(), rec);
+            }
+        }
         Ok(())
     }
 

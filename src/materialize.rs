@@ -125,6 +125,97 @@ pub fn metric_specs(exp: &Experiment) -> Vec<MetricSpec> {
         .collect()
 }
 
+/// Columns of `activity_sketches_YYYYMMDD`: one row per stored sketch of the day.
+pub fn sketches_schema() -> Vec<Column> {
+    use ColumnType::*;
+    [
+        ("activity_date", Date, false),
+        ("scope", String, false),
+        ("dimensions", String, false),
+        ("experiment", String, true),
+        ("branch", String, true),
+        ("estimate", Float64, false),
+        ("format_version", Int64, false),
+        ("precision", Int64, false),
+        ("sketch", String, false),
+    ]
+    .into_iter()
+    .map(|(n, k, null)| Column::new(n, k, null))
+    .collect()
+}
+
+/// One day's activity sketches as a table: scope (`all`, `dimension`, `pair`,
+/// `combination`, `branch`), its dimension values as a JSON object, and the sketch bytes
+/// (format documented in the `sketch` module) in base64, so the same unions can be done
+/// outside the service.
+pub fn sketch_table(store: &Store, day: Day) -> Result<TableData, StateError> {
+    use crate::sketch::{key::prefix, Scope, Sketch, SketchKey, SketchSource};
+    let date = day.date();
+    let mut rows = Vec::new();
+    let corrupt = |detail: String| StateError::Corrupt {
+        key: format!("sketch of {date}"),
+        detail,
+    };
+    let mut failure = None;
+    store
+        .scan_prefix(&prefix::date(date), &mut |k, v| {
+            let key = SketchKey::decode(k)?;
+            let mut sketch = Sketch::from_bytes(v)?;
+            let pairs = |p: &[(std::string::String, std::string::String)]| {
+                serde_json::to_string(
+                    &p.iter()
+                        .map(|(d, v)| (d.clone(), v.clone()))
+                        .collect::<std::collections::BTreeMap<_, _>>(),
+                )
+                .unwrap_or_default()
+            };
+            let (scope, dims, exp, branch) = match &key.scope {
+                Scope::All => ("all", "{}".to_string(), Value::Null, Value::Null),
+                Scope::Single { dim, value } => (
+                    "dimension",
+                    pairs(&[(dim.clone(), value.clone())]),
+                    Value::Null,
+                    Value::Null,
+                ),
+                Scope::Pair { first, second } => (
+                    "pair",
+                    pairs(&[first.clone(), second.clone()]),
+                    Value::Null,
+                    Value::Null,
+                ),
+                Scope::Finest(all) => ("combination", pairs(all), Value::Null, Value::Null),
+                Scope::Branch { experiment, branch } => (
+                    "branch",
+                    "{}".to_string(),
+                    Value::Str(experiment.clone()),
+                    Value::Str(branch.clone()),
+                ),
+            };
+            rows.push(vec![
+                Value::Date(date),
+                Value::Str(scope.into()),
+                Value::Str(dims),
+                exp,
+                branch,
+                Value::Float(sketch.estimate()),
+                Value::Int(1),
+                Value::Int(i64::from(sketch.precision().get())),
+                Value::Str(sketch.to_base64()),
+            ]);
+            Ok(())
+        })
+        .unwrap_or_else(|e| failure = Some(e));
+    if let Some(e) = failure {
+        return Err(corrupt(e.to_string()));
+    }
+    Ok(TableData {
+        name: crate::window::activity_sketches_table(day),
+        kind: TableKind::Sketches,
+        columns: sketches_schema(),
+        rows,
+    })
+}
+
 /// Statistics input of one (window, basis), filled client by client.
 #[derive(Default)]
 struct Columns {

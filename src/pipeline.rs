@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::apply::Fold;
 use crate::event::Timestamp;
 use crate::materialize::{self, Due};
-use crate::publish::{PublishError, Sink, TableKind};
+use crate::publish::{PublishError, Sink, TableData, TableKind};
 use crate::state::{PublishedRecord, StateError};
 use crate::window::{self, enrollments_table};
 
@@ -80,34 +80,35 @@ impl Pipeline {
         self.sink.describe()
     }
 
-    /// Whether a publication record says the table needs (re)publishing. A table whose
-    /// last failure was permanent waits for a forced pass (`finalize`).
+    /// Whether a publication record says the table needs (re)publishing: once `ready`,
+    /// and again when late events touched more than the threshold (any, when `force`d).
+    /// A table whose last failure was permanent waits for a forced pass (`finalize`).
     fn needs(&self, rec: Option<&PublishedRecord>, ready: bool, force: bool) -> bool {
         let threshold = self.fold.config().pipeline.republish_threshold;
         match rec {
             None => ready,
             Some(r) if r.permanent => force && ready,
             Some(r) if r.published_at == 0 => ready, // only failures so far
-            Some(r) => r.late_events > 0 && r.late_events as f64 > threshold * r.rows as f64,
+            Some(r) => {
+                r.late_events > 0 && (force || r.late_events as f64 > threshold * r.rows as f64)
+            }
         }
     }
 
     /// What is due for experiment `x` at this watermark.
     pub fn due(&self, x: usize, watermark: Option<Timestamp>, force: bool) -> Due {
         let exp = &self.fold.config().experiments[x];
-        let published = self.fold.published(x);
+        let published = self.fold.published(Some(x));
         let reached = |t: Timestamp| watermark.is_some_and(|w| w >= t);
         let mut due = Due::default();
         for w in window::windows(exp) {
             let rec = published.get(&w.statistics_table(exp));
-            let dirty_forced = force && rec.is_some_and(|r| r.late_events > 0);
-            if self.needs(rec, reached(w.complete_at(exp)), force) || dirty_forced {
+            if self.needs(rec, reached(w.complete_at(exp)), force) {
                 due.windows.push(w);
             }
         }
         let rec = published.get(&enrollments_table(exp));
-        due.enrollments = self.needs(rec, reached(window::enrollment_closed_at(exp)), force)
-            || (force && rec.is_some_and(|r| r.late_events > 0));
+        due.enrollments = self.needs(rec, reached(window::enrollment_closed_at(exp)), force);
         due
     }
 
@@ -152,6 +153,7 @@ impl Pipeline {
                 }
             }
         }
+        self.publish_sketch_days(watermark, force, &mut report)?;
         Ok(report)
     }
 
@@ -166,71 +168,32 @@ impl Pipeline {
         let tables =
             materialize::build(&exp, self.fold.store(), due, &self.fold.config().pipeline)?;
         self.times.materialize += started.elapsed();
-        // Aggregate tables precede their statistics table, so the statistics table's
-        // record (which decides "published") is written only after all of a window's tables.
+        // Aggregate tables precede their statistics table, whose record decides whether
+        // the window counts as published: a window is published only when all are.
         let mut window_failed: Option<String> = None;
         let mut rows_of_window = 0u64;
         for table in &tables {
-            if let TableKind::Aggregates = table.kind {
-                if window_failed.is_some() {
-                    continue;
-                }
-            }
-            let sink_started = Instant::now();
-            let result = match (&table.kind, &window_failed) {
-                (TableKind::Statistics { .. }, Some(why)) => Err(PublishError::Transient {
-                    table: table.name.clone(),
-                    detail: format!("not published because {why}"),
-                }),
-                _ => self.sink.publish(table),
-            };
-            self.times.sink += sink_started.elapsed();
-            let rows = match table.kind {
-                TableKind::Statistics { .. } => rows_of_window,
-                _ => table.rows.len() as u64,
-            };
-            match result {
-                Ok(()) => {
-                    report.tables += 1;
-                    report.rows += table.rows.len();
-                    self.published_tables += 1;
-                    let rec = PublishedRecord {
-                        rows,
-                        published_at: now_micros(),
-                        ..Default::default()
+            let outcome = match (&table.kind, &window_failed) {
+                (TableKind::Aggregates, Some(_)) => continue,
+                (TableKind::Statistics { .. }, Some(why)) => {
+                    let e = PublishError::Transient {
+                        table: table.name.clone(),
+                        detail: format!("not published because {why}"),
                     };
-                    self.fold.set_published(x, &table.name, rec)?;
-                    self.backoff = Duration::ZERO;
+                    self.record_failure(Some(x), &table.name, e, report)?;
+                    Outcome::Failed
                 }
-                Err(e) => {
-                    self.publish_failures += 1;
-                    tracing::error!(table = %table.name, error = %e, "publication failed");
-                    report.failures.push(e.to_string());
-                    let mut rec = self
-                        .fold
-                        .published(x)
-                        .get(&table.name)
-                        .cloned()
-                        .unwrap_or_default();
-                    rec.failures += 1;
-                    rec.last_error = Some(e.to_string());
-                    let permanent = matches!(e, PublishError::Permanent { .. });
-                    rec.permanent = permanent;
-                    self.fold.set_published(x, &table.name, rec)?;
-                    if !permanent {
-                        // Transient: the sink is down or overloaded. Stop this pass and back
-                        // off (capped, with jitter); folding goes on meanwhile.
-                        self.backoff =
-                            (self.backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
-                        let jitter = rand::random_range(0.8..1.2);
-                        self.backoff_until = Some(Instant::now() + self.backoff.mul_f64(jitter));
-                        tracing::warn!(backoff = ?self.backoff, "sink unavailable: publishing again after the backoff");
-                        return Ok(false);
-                    }
-                    if matches!(table.kind, TableKind::Aggregates) {
-                        window_failed = Some(format!("{} failed", table.name));
-                    }
+                (TableKind::Statistics { .. }, None) => {
+                    self.publish_one(Some(x), table, rows_of_window, report)?
                 }
+                _ => self.publish_one(Some(x), table, table.rows.len() as u64, report)?,
+            };
+            match outcome {
+                Outcome::Backoff => return Ok(false),
+                Outcome::Failed if matches!(table.kind, TableKind::Aggregates) => {
+                    window_failed = Some(format!("{} failed", table.name))
+                }
+                _ => {}
             }
             match table.kind {
                 TableKind::Aggregates => {
@@ -240,12 +203,114 @@ impl Pipeline {
                     window_failed = None;
                     rows_of_window = 0;
                 }
-                TableKind::Enrollments => {}
+                TableKind::Enrollments | TableKind::Sketches => {}
             }
         }
         tracing::info!(experiment = %exp.slug, windows = due.windows.len(), enrollments = due.enrollments, tables = tables.len(), elapsed = ?started.elapsed(), "published");
         Ok(true)
     }
+
+    /// Publishes each day's activity sketches once the watermark has passed the day, and
+    /// again when late events touched it.
+    fn publish_sketch_days(
+        &mut self,
+        watermark: Option<Timestamp>,
+        force: bool,
+        report: &mut PublishReport,
+    ) -> Result<bool, StateError> {
+        for day in self.fold.store().activity_days()? {
+            let name = window::activity_sketches_table(day);
+            let ready = watermark.is_some_and(|w| w >= Timestamp::from_day(day.plus(1)));
+            let rec = self.fold.published(None).get(&name);
+            if !self.needs(rec, ready, force) {
+                continue;
+            }
+            self.fold.store().flush()?;
+            let started = Instant::now();
+            let table = materialize::sketch_table(self.fold.store(), day)?;
+            self.times.materialize += started.elapsed();
+            if let Outcome::Backoff =
+                self.publish_one(None, &table, table.rows.len() as u64, report)?
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Hands one table to the sink and records the outcome (owner: experiment index, or
+    /// None for global tables). A transient failure starts the backoff.
+    fn publish_one(
+        &mut self,
+        owner: Option<usize>,
+        table: &TableData,
+        rows: u64,
+        report: &mut PublishReport,
+    ) -> Result<Outcome, StateError> {
+        let started = Instant::now();
+        let result = self.sink.publish(table);
+        self.times.sink += started.elapsed();
+        match result {
+            Ok(()) => {
+                report.tables += 1;
+                report.rows += table.rows.len();
+                self.published_tables += 1;
+                self.backoff = Duration::ZERO;
+                let rec = PublishedRecord {
+                    rows,
+                    published_at: now_micros(),
+                    ..Default::default()
+                };
+                self.fold.set_published(owner, &table.name, rec)?;
+                Ok(Outcome::Published)
+            }
+            Err(e) => {
+                let permanent = matches!(e, PublishError::Permanent { .. });
+                self.record_failure(owner, &table.name, e, report)?;
+                if permanent {
+                    return Ok(Outcome::Failed);
+                }
+                // The sink is down or overloaded: stop this pass and back off (capped,
+                // with jitter); folding goes on meanwhile.
+                self.backoff = (self.backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
+                let jitter = rand::random_range(0.8..1.2);
+                self.backoff_until = Some(Instant::now() + self.backoff.mul_f64(jitter));
+                tracing::warn!(backoff = ?self.backoff, "sink unavailable: publishing again after the backoff");
+                Ok(Outcome::Backoff)
+            }
+        }
+    }
+
+    fn record_failure(
+        &mut self,
+        owner: Option<usize>,
+        table: &str,
+        e: PublishError,
+        report: &mut PublishReport,
+    ) -> Result<(), StateError> {
+        self.publish_failures += 1;
+        tracing::error!(table, error = %e, "publication failed");
+        report.failures.push(e.to_string());
+        let mut rec = self
+            .fold
+            .published(owner)
+            .get(table)
+            .cloned()
+            .unwrap_or_default();
+        rec.failures += 1;
+        rec.permanent = matches!(e, PublishError::Permanent { .. });
+        rec.last_error = Some(e.to_string());
+        self.fold.set_published(owner, table, rec)
+    }
+}
+
+/// What became of one table's publication.
+enum Outcome {
+    Published,
+    /// Failed permanently, or not attempted because its window failed.
+    Failed,
+    /// Failed transiently: the pass stops and the pipeline backs off.
+    Backoff,
 }
 
 /// Longest wait between publication attempts while the sink fails.

@@ -138,6 +138,10 @@ impl Layout {
     }
 }
 
+/// The publication records of tables that belong to no experiment (activity sketches)
+/// are kept under this empty slug.
+pub const GLOBAL: &str = "";
+
 /// What is known about a published table.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PublishedRecord {
@@ -202,6 +206,10 @@ pub mod keys {
     }
     pub fn published_prefix(slug: &str) -> Vec<u8> {
         [b"P", slug.as_bytes(), b"\0"].concat()
+    }
+    /// A UTC day with activity sketches (value empty).
+    pub fn activity_day(day: Day) -> Vec<u8> {
+        [b"A", &((day.0 as u32) ^ 0x8000_0000).to_be_bytes()[..]].concat()
     }
     pub fn rejects(reason: RejectReason) -> Vec<u8> {
         [b"R", reason.as_str().as_bytes()].concat()
@@ -385,6 +393,16 @@ impl Store {
             out.push((keys::day_of_daily_key(&k), decode(&k, &v)?));
         }
         Ok(())
+    }
+
+    /// Days that have activity sketches, in order.
+    pub fn activity_days(&self) -> Result<Vec<Day>, StateError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(b"A") {
+            let (k, _) = kv?;
+            out.push(keys::day_of_daily_key(&k));
+        }
+        Ok(out)
     }
 
     /// Publication records of an experiment by table name.

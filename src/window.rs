@@ -57,6 +57,12 @@ pub fn statistics_view(exp: &Experiment, period: Period) -> String {
     format!("statistics_{}_{}", exp.table_slug(), period.view_name())
 }
 
+/// `activity_sketches_YYYYMMDD`: one day's activity sketches (date-sharded, as BigQuery
+/// users shard daily tables).
+pub fn activity_sketches_table(day: Day) -> String {
+    format!("activity_sketches_{}", day.date().format("%Y%m%d"))
+}
+
 /// When enrollment is closed: the start of the day after the last enrollment date.
 pub fn enrollment_closed_at(exp: &Experiment) -> Timestamp {
     Timestamp::from_day(Day::from_date(exp.last_enrollment_date()).plus(1))

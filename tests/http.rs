@@ -267,6 +267,32 @@ fn a_client_counts_once_across_days_and_dimension_values() {
     assert_eq!(b["branches"][0]["estimate"], 0.0);
     assert_eq!(b["branches"][1]["estimate"], 1.0);
     // The union sketch decodes and counts the same.
+    // The day's sketches are published as a table too: offline unions give the same counts.
+    let out = dir.path().join("out");
+    let rows = table(&out, "activity_sketches_20261105");
+    let decode =
+        |r: &Value| slipstream::sketch::Sketch::from_base64(r["sketch"].as_str().unwrap()).unwrap();
+    let all = rows
+        .iter()
+        .find(|r| r["scope"] == "all")
+        .expect("an all-clients row");
+    assert_eq!(all["activity_date"], "2026-11-05");
+    assert_eq!(decode(all).estimate().round(), 2.0);
+    let mut union = slipstream::sketch::Sketch::new(slipstream::sketch::Precision::new(8).unwrap());
+    let combos: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["scope"] == "combination")
+        .collect();
+    assert_eq!(combos.len(), 3, "Linux/133, Linux/134, Mac/134");
+    for r in combos {
+        union.merge(&decode(r)).unwrap();
+    }
+    assert_eq!(union.estimate().round(), 2.0);
+    let branch = rows.iter().find(|r| r["scope"] == "branch").unwrap();
+    assert_eq!(
+        (branch["experiment"].as_str(), branch["branch"].as_str()),
+        (Some("http-test"), Some("treatment"))
+    );
     let sk = s.ok("/v1/sketch?start=2026-11-03&end=2026-11-07&os=Linux");
     let mut sketch =
         slipstream::sketch::Sketch::from_base64(sk["sketch"].as_str().unwrap()).unwrap();

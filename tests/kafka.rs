@@ -95,8 +95,23 @@ fn assert_same(
         b.keys().collect::<Vec<_>>(),
         "{what}: different tables"
     );
+    let differing: Vec<&String> = a.keys().filter(|n| a[*n] != b[*n]).collect();
+    if !differing.is_empty() {
+        eprintln!(
+            "{what}: {} of {} tables differ: {differing:?}",
+            differing.len(),
+            a.len()
+        );
+    }
     for (name, text) in a {
-        assert!(text == &b[name], "{what}: table {name} differs");
+        if text != &b[name] {
+            let (x, y): (Vec<&str>, Vec<&str>) =
+                (text.lines().collect(), b[name].lines().collect());
+            let i = (0..x.len().min(y.len()))
+                .find(|&i| x[i] != y[i])
+                .unwrap_or(x.len().min(y.len()));
+            panic!("{what}: table {name} differs ({} vs {} rows); first difference at row {i}:\n {}\n {}", x.len(), y.len(), x.get(i).unwrap_or(&""), y.get(i).unwrap_or(&""));
+        }
     }
     assert!(a.len() > 30, "{what}: only {} tables", a.len());
 }

@@ -204,9 +204,24 @@ pub async fn run(
             tracing::info!(messages = summary.messages, folded = pipeline.fold.stats.folded, rejects = %rejects.join(" "), watermark = ?pipeline.fold.watermark(idle).map(crate::event::format_timestamp), "progress");
         }
         if owns_all && opts.idle_exit.is_some_and(|d| last_message.elapsed() >= d) {
-            tracing::info!("no message for {:?}: stopping", opts.idle_exit.unwrap());
-            idle_stop = true;
-            break;
+            // Quiet is not enough (a slow fetch looks quiet too): stop only when every
+            // partition's position has reached its high watermark.
+            let marks =
+                tokio::task::block_in_place(|| source.high_watermarks(Duration::from_secs(5)));
+            let caught_up = marks.len() == all_partitions
+                && marks
+                    .iter()
+                    .all(|(t, p, high)| positions.next_offset(t, *p).unwrap_or(0) >= *high);
+            if caught_up {
+                tracing::info!(
+                    "no message for {:?} and every partition caught up: stopping",
+                    opts.idle_exit.unwrap()
+                );
+                idle_stop = true;
+                break;
+            }
+            tracing::debug!(?marks, "quiet but not caught up: waiting");
+            last_message = Instant::now();
         }
     }
     // Stopped because the whole stream went quiet: every partition is idle, so the

@@ -60,6 +60,8 @@ pub enum TableKind {
         view: String,
         window_index: u32,
     },
+    /// A day's activity sketches (`activity_sketches_YYYYMMDD`).
+    Sketches,
 }
 
 /// A whole table, replaced atomically by a sink.
