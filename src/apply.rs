@@ -70,6 +70,8 @@ struct ExperimentInfo {
 #[derive(Debug, Default, Clone)]
 pub struct FoldStats {
     pub folded: u64,
+    /// Events outside the backfill range.
+    pub skipped: u64,
     pub rejected: [u64; RejectReason::ALL.len()],
     pub flushes: u64,
     pub last_flush: Duration,
@@ -105,6 +107,8 @@ pub struct Fold {
     /// Activity sketches touched since the last flush (DAU/MAU).
     sketches: crate::sketch::SketchBuffer,
     pub stats: FoldStats,
+    /// Only events of these days are folded (backfill); others are skipped.
+    day_filter: Option<(Day, Day)>,
     logged_rejects: [bool; RejectReason::ALL.len()],
 }
 
@@ -174,6 +178,7 @@ impl Fold {
             tags: Vec::new(),
             sketches: crate::sketch::SketchBuffer::new(&cfg_sketch),
             stats: FoldStats::default(),
+            day_filter: None,
             logged_rejects: [false; RejectReason::ALL.len()],
         };
         fold.watermark_day = fold.watermark(None).map(|t| t.day());
@@ -223,9 +228,21 @@ impl Fold {
         }
     }
 
+    /// Folds only events whose UTC day is in `from..=to` (backfill of a date range).
+    pub fn set_day_filter(&mut self, from: Day, to: Day) {
+        self.day_filter = Some((from, to));
+    }
+
     /// Folds one decoded event from a source partition.
     pub fn apply(&mut self, source: &str, partition: i32, event: &Event<'_>) {
         let ts = event.timestamp();
+        if self
+            .day_filter
+            .is_some_and(|(from, to)| ts.day() < from || ts.day() > to)
+        {
+            self.stats.skipped += 1;
+            return;
+        }
         let key = (source.to_string(), partition);
         let t = self.event_times.entry(key.clone()).or_insert(i64::MIN);
         *t = (*t).max(ts.0);

@@ -22,12 +22,15 @@
 //! - [`sketch`]: HyperLogLog++ activity sketches (DAU/WAU/MAU by any dimensions), their
 //!   byte format, keys, rollups and query planner.
 //! - [`http`]: the HTTP API (axum) over the sketches and state.
+//! - [`finalize`]: the nightly pass (calendar-complete windows, dirty windows, failed
+//!   publications, status per experiment) and backfill.
 //! - [`generate`]: synthetic events for trying things out and for tests.
 
 pub mod aggregate;
 pub mod apply;
 pub mod config;
 pub mod event;
+pub mod finalize;
 pub mod generate;
 pub mod http;
 pub mod ingest;

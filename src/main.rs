@@ -105,6 +105,38 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Nightly pass: publish what the calendar says is complete, re-publish dirty windows,
+    /// retry failures; print one status per experiment. Exits 1 if any failed.
+    Finalize {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value = "state")]
+        data_dir: PathBuf,
+        /// The last complete day (default: yesterday, UTC).
+        #[arg(long)]
+        date: Option<chrono::NaiveDate>,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Recompute from an event archive into a fresh data directory and re-publish (after a
+    /// metric was added, changed or removed).
+    Backfill {
+        #[arg(long)]
+        config: PathBuf,
+        /// First day of events to fold.
+        #[arg(long)]
+        from: chrono::NaiveDate,
+        /// Last day of events to fold; windows complete by its end are published.
+        #[arg(long)]
+        to: chrono::NaiveDate,
+        #[arg(long)]
+        input: PathBuf,
+        /// A new (or empty) directory: backfill never mixes with existing state.
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        output: Output,
+    },
     /// Serve the HTTP API over an existing data directory (no consuming).
     Serve {
         #[arg(long)]
@@ -304,6 +336,81 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 started.elapsed().as_secs_f64()
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Finalize {
+            config,
+            data_dir,
+            date,
+            output,
+        } => {
+            let cfg = load_config(&config)?;
+            let sink = sink(&output, &cfg)?;
+            let store = Store::open(&data_dir, &cfg)?;
+            let fold = Fold::new(cfg, store, &[])?;
+            let mut pipeline = Pipeline::new(fold, sink);
+            let date =
+                date.unwrap_or_else(|| chrono::Utc::now().date_naive() - chrono::Days::new(1));
+            let (statuses, report) = slipstream::finalize::finalize(&mut pipeline, date)?;
+            for s in &statuses {
+                println!("{} {}: {}", s.date, s.slug, s.status);
+            }
+            println!(
+                "published {} tables ({} rows) to {}",
+                report.tables,
+                report.rows,
+                pipeline.sink_description()
+            );
+            Ok(if statuses.iter().any(|s| s.failed()) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Backfill {
+            config,
+            from,
+            to,
+            input,
+            data_dir,
+            output,
+        } => {
+            let cfg = load_config(&config)?;
+            if to < from {
+                anyhow::bail!("--to {to} is before --from {from}");
+            }
+            if std::fs::read_dir(&data_dir).is_ok_and(|mut d| d.next().is_some()) {
+                anyhow::bail!("--data-dir {} is not empty: backfill recomputes into a fresh directory (publishing replaces the tables); pass a new one", data_dir.display());
+            }
+            let sink = sink(&output, &cfg)?;
+            let store = Store::open(&data_dir, &cfg)?;
+            let source = ingest::file::source_name(&input);
+            let mut fold = Fold::new(cfg, store, &[&source])?;
+            fold.set_day_filter(
+                slipstream::event::Day::from_date(from),
+                slipstream::event::Day::from_date(to),
+            );
+            let mut pipeline = Pipeline::new(fold, sink);
+            let s = ingest::file::replay(&mut pipeline, &input)?;
+            let (statuses, report) = slipstream::finalize::finalize(&mut pipeline, to)?;
+            println!(
+                "backfilled {} lines from {} ({} folded, {} outside {from}..{to}, {} rejected); published {} tables ({} rows) to {}",
+                s.lines,
+                input.display(),
+                s.folded,
+                pipeline.fold.stats.skipped,
+                s.rejected,
+                s.published.tables + report.tables,
+                s.published.rows + report.rows,
+                pipeline.sink_description()
+            );
+            for st in &statuses {
+                println!("{} {}: {}", st.date, st.slug, st.status);
+            }
+            Ok(if statuses.iter().any(|s| s.failed()) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Serve {
             config,

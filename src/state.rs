@@ -395,6 +395,32 @@ impl Store {
         Ok(())
     }
 
+    /// Records `finalize`'s outcome for an experiment and date.
+    pub fn set_finalize_status(
+        &self,
+        slug: &str,
+        date: chrono::NaiveDate,
+        status: &str,
+    ) -> Result<(), StateError> {
+        let key = [b"F", slug.as_bytes(), b"\0", date.to_string().as_bytes()].concat();
+        self.db.insert(key, status.as_bytes())?;
+        Ok(())
+    }
+
+    /// `finalize`'s outcomes for an experiment: (date, status), oldest first.
+    pub fn finalize_statuses(&self, slug: &str) -> Result<Vec<(String, String)>, StateError> {
+        let prefix = [b"F", slug.as_bytes(), b"\0"].concat();
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            out.push((
+                String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+                String::from_utf8_lossy(&v).into_owned(),
+            ));
+        }
+        Ok(out)
+    }
+
     /// Days that have activity sketches, in order.
     pub fn activity_days(&self) -> Result<Vec<Day>, StateError> {
         let mut out = Vec::new();

@@ -1,0 +1,321 @@
+//! `finalize` and `backfill` through the real binary: a quiet stream's windows published by
+//! the calendar, late data below and above the re-publication threshold, statuses for
+//! success, no data and failure, and a backfill after adding a metric that equals a fresh
+//! run with the metric from the start.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+const CONFIG: &str = r#"
+[pipeline]
+replicates = 50
+republish_threshold = 0.5
+
+[[experiment]]
+slug = "fin-test"
+branches = ["control", "treatment"]
+enrollment_start = "2026-11-01"
+enrollment_period = 2
+end_date = "2026-11-10"
+
+[[experiment]]
+slug = "empty-test"
+branches = ["control", "treatment"]
+enrollment_start = "2026-11-01"
+enrollment_period = 2
+end_date = "2026-11-10"
+"#;
+
+/// Two clients; the stream goes quiet on 2026-11-05, long before the end date.
+const EVENTS: &str = r#"{"client_id":"A","experiment":"fin-test","branch":"control","event":"enroll","timestamp":"2026-11-01T10:00:00Z"}
+{"client_id":"B","experiment":"fin-test","branch":"treatment","event":"enroll","timestamp":"2026-11-02T10:00:00Z"}
+{"client_id":"A","submission_timestamp":"2026-11-01T12:00:00Z","experiments":{"fin-test":"control"},"metrics":{"active_hours":1.0}}
+{"client_id":"B","submission_timestamp":"2026-11-02T12:00:00Z","experiments":{"fin-test":"treatment"},"metrics":{"active_hours":2.0}}
+{"client_id":"A","submission_timestamp":"2026-11-05T12:00:00Z","experiments":{"fin-test":"control"},"metrics":{"active_hours":4.0}}
+"#;
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .env("SLIPSTREAM_LOG", "error")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn finalize_publishes_a_quiet_streams_windows_and_reports_statuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "c.toml", CONFIG);
+    let input = write(dir.path(), "events.ndjson", EVENTS);
+    let (state, out) = (dir.path().join("state"), dir.path().join("out"));
+    slipstream(&[
+        "replay",
+        "--config",
+        p(&cfg),
+        "--input",
+        p(&input),
+        "--data-dir",
+        p(&state),
+        "--out",
+        p(&out),
+    ]);
+    // The watermark (11-05 12:00 minus 24 h) completes day windows 1-2 only.
+    assert!(out.join("fin_test_enrollments_day_2.ndjson").exists());
+    assert!(!out.join("fin_test_enrollments_overall_1.ndjson").exists());
+    let (ok, stdout) = run(&[
+        "finalize",
+        "--config",
+        p(&cfg),
+        "--data-dir",
+        p(&state),
+        "--date",
+        "2026-11-12",
+        "--out",
+        p(&out),
+    ]);
+    assert!(ok, "{stdout}");
+    assert!(
+        stdout.contains("2026-11-12 fin-test: succeeded\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("2026-11-12 empty-test: succeeded, no data\n"),
+        "{stdout}"
+    );
+    let overall = table(&out, "fin_test_enrollments_overall_1");
+    assert_eq!(row(&overall, "A")["active_hours"], 5.0);
+    assert_eq!(row(&overall, "B")["active_hours"], 2.0);
+    assert_eq!(table(&out, "enrollments_empty_test").len(), 0);
+
+    // Late data: one late event touches 1 of 2 rows of day 5 (50%, not above the 0.5
+    // threshold): kept in state, not re-published by the stream...
+    let mut text = EVENTS.to_string();
+    text.push_str(r#"{"client_id":"B","submission_timestamp":"2026-11-06T12:00:00Z","experiments":{"fin-test":"treatment"},"metrics":{"active_hours":8.0}}"#);
+    text.push('\n');
+    std::fs::write(&input, &text).unwrap();
+    slipstream(&[
+        "replay",
+        "--config",
+        p(&cfg),
+        "--input",
+        p(&input),
+        "--data-dir",
+        p(&state),
+        "--out",
+        p(&out),
+    ]);
+    assert_eq!(
+        row(&table(&out, "fin_test_enrollments_day_5"), "B")["active_hours"],
+        0.0
+    );
+    // ... and published by the next finalize.
+    let (ok, stdout) = run(&[
+        "finalize",
+        "--config",
+        p(&cfg),
+        "--data-dir",
+        p(&state),
+        "--date",
+        "2026-11-12",
+        "--out",
+        p(&out),
+    ]);
+    assert!(ok, "{stdout}");
+    assert_eq!(
+        row(&table(&out, "fin_test_enrollments_day_5"), "B")["active_hours"],
+        8.0
+    );
+    assert_eq!(
+        row(&table(&out, "fin_test_enrollments_overall_1"), "B")["active_hours"],
+        10.0
+    );
+
+    // Above the threshold (both rows of day 4 change): the stream re-publishes at once.
+    text.push_str(r#"{"client_id":"A","submission_timestamp":"2026-11-04T12:00:00Z","experiments":{"fin-test":"control"},"metrics":{"active_hours":0.5}}
+{"client_id":"B","submission_timestamp":"2026-11-05T13:00:00Z","experiments":{"fin-test":"treatment"},"metrics":{"active_hours":0.25}}
+{"client_id":"A","submission_timestamp":"2026-11-04T13:00:00Z","experiments":{"fin-test":"control"},"metrics":{"active_hours":0.5}}
+"#);
+    std::fs::write(&input, &text).unwrap();
+    slipstream(&[
+        "replay",
+        "--config",
+        p(&cfg),
+        "--input",
+        p(&input),
+        "--data-dir",
+        p(&state),
+        "--out",
+        p(&out),
+    ]);
+    let d4 = table(&out, "fin_test_enrollments_day_4");
+    assert_eq!(row(&d4, "A")["active_hours"], 1.0);
+    assert_eq!(row(&d4, "B")["active_hours"], 0.25);
+}
+
+#[test]
+fn finalize_reports_failure_and_exits_non_zero_when_the_sink_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        &CONFIG.replace(
+            "republish_threshold = 0.5",
+            "republish_threshold = 0.5\n[pipeline.bigquery]\ntarget = \"p.d\"\ntimeout_secs = 2",
+        ),
+    );
+    let input = write(dir.path(), "events.ndjson", EVENTS);
+    let state = dir.path().join("state");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (rest, grpc) = (
+        format!("http://127.0.0.1:{port}"),
+        format!("http://127.0.0.1:{port}"),
+    );
+    let bq = [
+        "--bigquery-rest",
+        rest.as_str(),
+        "--bigquery-grpc",
+        grpc.as_str(),
+    ];
+    let mut args = vec![
+        "replay",
+        "--config",
+        p(&cfg),
+        "--input",
+        p(&input),
+        "--data-dir",
+        p(&state),
+    ];
+    args.extend(bq);
+    let (ok, _) = run(&args);
+    assert!(!ok, "publishing to nothing must fail");
+    let mut args = vec![
+        "finalize",
+        "--config",
+        p(&cfg),
+        "--data-dir",
+        p(&state),
+        "--date",
+        "2026-11-12",
+    ];
+    args.extend(bq);
+    let (ok, stdout) = run(&args);
+    assert!(!ok, "{stdout}");
+    assert!(stdout.contains("2026-11-12 fin-test: failed: "), "{stdout}");
+}
+
+#[test]
+fn backfill_after_adding_a_metric_equals_a_fresh_run_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = write(dir.path(), "v1.toml", CONFIG);
+    let v2 = write(
+        dir.path(),
+        "v2.toml",
+        &CONFIG.replacen("end_date = \"2026-11-10\"\n", "end_date = \"2026-11-10\"\nmetrics = [{ name = \"max_hours\", field = \"active_hours\", aggregation = \"max\" }]\n", 1),
+    );
+    let events = dir.path().join("events.ndjson");
+    slipstream(&[
+        "generate",
+        "--config",
+        p(&v1),
+        "--clients",
+        "200",
+        "--seed",
+        "8",
+        "--out",
+        p(&events),
+    ]);
+    // Published with v1 first, into the same output directory the backfill replaces.
+    let out = dir.path().join("out");
+    slipstream(&[
+        "replay",
+        "--config",
+        p(&v1),
+        "--input",
+        p(&events),
+        "--data-dir",
+        p(&dir.path().join("s1")),
+        "--out",
+        p(&out),
+    ]);
+    assert!(table(&out, "fin_test_enrollments_week_1")[0]
+        .get("max_hours")
+        .is_none());
+    let (ok, stdout) = run(&[
+        "backfill",
+        "--config",
+        p(&v2),
+        "--from",
+        "2026-10-01",
+        "--to",
+        "2026-11-30",
+        "--input",
+        p(&events),
+        "--data-dir",
+        p(&dir.path().join("s2")),
+        "--out",
+        p(&out),
+    ]);
+    assert!(ok, "{stdout}");
+    // A fresh run with v2 from the start, finalized for the same date.
+    let fresh = dir.path().join("fresh");
+    slipstream(&[
+        "replay",
+        "--config",
+        p(&v2),
+        "--input",
+        p(&events),
+        "--data-dir",
+        p(&dir.path().join("s3")),
+        "--out",
+        p(&fresh),
+    ]);
+    slipstream(&[
+        "finalize",
+        "--config",
+        p(&v2),
+        "--data-dir",
+        p(&dir.path().join("s3")),
+        "--date",
+        "2026-11-30",
+        "--out",
+        p(&fresh),
+    ]);
+    let (a, b) = (all_tables(&out), all_tables(&fresh));
+    for (name, text) in &b {
+        assert!(
+            a.get(name) == Some(text),
+            "{name} differs between backfill and a fresh run"
+        );
+    }
+    assert!(table(&out, "fin_test_enrollments_week_1")[0]
+        .get("max_hours")
+        .is_some());
+    // Backfill refuses a data directory that already has state.
+    let (ok, _) = run(&[
+        "backfill",
+        "--config",
+        p(&v2),
+        "--from",
+        "2026-10-01",
+        "--to",
+        "2026-11-30",
+        "--input",
+        p(&events),
+        "--data-dir",
+        p(&dir.path().join("s2")),
+        "--out",
+        p(&out),
+    ]);
+    assert!(!ok);
+}
