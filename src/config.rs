@@ -680,9 +680,11 @@ fn parse_date(
             ));
             None
         }
+        // Exactly YYYY-MM-DD: chrono also takes `+262142-12-31`, where date arithmetic
+        // (`NaiveDate + Days`, `Day::date`) overflows and panics.
         Some(s) => match NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-            Ok(d) => Some(d),
-            Err(_) => {
+            Ok(d) if s.len() == 10 => Some(d),
+            _ => {
                 problems.push(problem(
                     file,
                     field,
@@ -813,7 +815,9 @@ fn validate_experiment(
         }
     };
     if let (Some(s), Some(e)) = (start, end) {
-        let last = s + chrono::Days::new(u64::from(period) - 1);
+        let last = s
+            .checked_add_days(chrono::Days::new(u64::from(period) - 1))
+            .unwrap_or(NaiveDate::MAX);
         if e <= last {
             problems.push(problem(
                 file,

@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 /// Generated from `proto/events.proto`.
@@ -372,19 +372,96 @@ enum StrOrOther<'a> {
     Other,
 }
 
+/// Visits the value in place: a string is kept, anything else is skipped without being
+/// buffered (an untagged enum would buffer it, ~24 bytes per input byte for `[0,0,...]`).
 impl<'de> Deserialize<'de> for StrOrOther<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum U<'a> {
-            #[serde(borrow)]
-            S(Cow<'a, str>),
-            O(serde::de::IgnoredAny),
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StrOrOther<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
+                Ok(StrOrOther::Str(Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(StrOrOther::Str(Cow::Owned(s.to_owned())))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
+                Ok(StrOrOther::Str(Cow::Owned(s)))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(StrOrOther::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(StrOrOther::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(StrOrOther::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(StrOrOther::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(StrOrOther::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
+                while s.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(StrOrOther::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(StrOrOther::Other)
+            }
         }
-        Ok(match U::deserialize(d)? {
-            U::S(s) => StrOrOther::Str(s),
-            U::O(_) => StrOrOther::Other,
-        })
+        d.deserialize_any(V)
+    }
+}
+
+/// One value of the `metrics` object, visited in place (no `serde_json::Value` tree).
+enum MetricValue {
+    Number(f64),
+    Null,
+    Bad(&'static str),
+}
+
+impl<'de> Deserialize<'de> for MetricValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MetricValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number, a boolean or null")
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Self::Value, E> {
+                Ok(MetricValue::Number(if b { 1.0 } else { 0.0 }))
+            }
+            fn visit_i64<E>(self, i: i64) -> Result<Self::Value, E> {
+                Ok(MetricValue::Number(i as f64))
+            }
+            fn visit_u64<E>(self, u: u64) -> Result<Self::Value, E> {
+                Ok(MetricValue::Number(u as f64))
+            }
+            fn visit_f64<E>(self, x: f64) -> Result<Self::Value, E> {
+                Ok(MetricValue::Number(x))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(MetricValue::Null)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(MetricValue::Bad("a string"))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
+                while s.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(MetricValue::Bad("an array"))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(MetricValue::Bad("an object"))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -404,16 +481,15 @@ fn number_pairs<'de, D: Deserializer<'de>>(d: D) -> Result<MetricsOrBad<'de>, D:
             let mut out = Vec::with_capacity(map.size_hint().unwrap_or(4).min(16));
             let mut bad = None;
             while let Some(k) = map.next_key::<Cow<'de, str>>()? {
-                match map.next_value::<serde_json::Value>()? {
-                    serde_json::Value::Number(n) => match n.as_f64().filter(|x| x.is_finite()) {
-                        Some(x) => out.push((k, x)),
-                        None => bad = Some(format!("metric `{k}` is not a finite number")),
-                    },
-                    serde_json::Value::Bool(b) => out.push((k, if b { 1.0 } else { 0.0 })),
-                    serde_json::Value::Null => {}
-                    other => {
+                match map.next_value::<MetricValue>()? {
+                    MetricValue::Number(x) if x.is_finite() => out.push((k, x)),
+                    MetricValue::Number(_) => {
+                        bad = Some(format!("metric `{k}` is not a finite number"))
+                    }
+                    MetricValue::Null => {}
+                    MetricValue::Bad(what) => {
                         bad = Some(format!(
-                            "metric `{k}` is {other}; expected a number or a boolean"
+                            "metric `{k}` is {what}; expected a number or a boolean"
                         ))
                     }
                 }
@@ -519,6 +595,14 @@ pub fn decode_protobuf(
     }
 }
 
+/// RFC 3339 with the fractional digits the timestamp needs (none for whole seconds), so
+/// a re-encoded event keeps its time exactly; `format_timestamp` writes whole seconds.
+fn format_timestamp_exact(t: Timestamp) -> String {
+    chrono::DateTime::from_timestamp_micros(t.0)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        .unwrap_or_default()
+}
+
 /// Encodes an event as protobuf (used by `produce --format protobuf` and tests).
 pub fn encode_protobuf(event: &Event<'_>) -> Vec<u8> {
     use prost::Message;
@@ -538,13 +622,13 @@ pub fn encode_protobuf(event: &Event<'_>) -> Vec<u8> {
                 EnrollmentKind::Exposure => "exposure",
             }
             .into(),
-            timestamp: format_timestamp(e.timestamp),
+            timestamp: format_timestamp_exact(e.timestamp),
             dimensions: map(&e.dimensions),
         }
         .encode_to_vec(),
         Event::Telemetry(t) => proto::TelemetryEvent {
             client_id: t.client_id.to_string(),
-            submission_timestamp: format_timestamp(t.submission_timestamp),
+            submission_timestamp: format_timestamp_exact(t.submission_timestamp),
             data_source: t.data_source.to_string(),
             experiments: map(&t.experiments),
             dimensions: map(&t.dimensions),
