@@ -92,7 +92,8 @@ enum Command {
     Run {
         #[arg(long)]
         config: PathBuf,
-        #[arg(long)]
+        /// Kafka bootstrap servers, HOST:PORT[,HOST:PORT...].
+        #[arg(long, env = "SLIPSTREAM_BROKERS")]
         brokers: String,
         #[arg(long, default_value = "state")]
         data_dir: PathBuf,
