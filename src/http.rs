@@ -1,7 +1,10 @@
-//! The HTTP API (DESIGN.md section 9): live distinct-client counts from the sketches.
+//! The HTTP API (DESIGN.md section 9): live distinct-client counts from the sketches,
+//! experiment health, published statistics, Prometheus metrics and the results page.
 //!
 //! Served by `run --listen ADDR` while consuming, and by `serve` over existing state. Every
 //! handler reads sled directly (on the blocking pool); answers are aggregates only.
+//! With `SLIPSTREAM_TOKEN` set, every endpoint but the probes (`/healthz`, `/readyz`, which
+//! reveal nothing and which a kubelet cannot send a secret to) wants `Authorization: Bearer`.
 //! Requests are bounded: a query's date range is capped by `max_query_days`, parameters
 //! are validated before any sketch is read, and request bodies and times are limited.
 
@@ -10,15 +13,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query as QueryParams, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Path, Query as QueryParams, Request as HttpRequest, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::NaiveDate;
 use serde_json::{json, Map, Value};
 
-use crate::config::Config;
+use crate::config::{Config, Experiment};
+use crate::health::{self, EventTimes, Live};
 use crate::sketch::{self, CountAnswer, Query, SketchConfig, SketchError};
 use crate::state::Store;
 
@@ -29,19 +34,68 @@ pub struct Api {
     pub sketch: SketchConfig,
     /// Set once the state is open (and, for `run`, the consumer is assigned).
     pub ready: Arc<AtomicBool>,
+    /// Bearer token required on every endpoint but the probes (None: open, loopback only).
+    pub token: Option<String>,
+    /// The running pipeline's counters, for `/metrics` (None under `serve`).
+    pub pipeline: Option<Arc<health::PipelineMetrics>>,
 }
 
 impl Api {
     pub fn new(store: Store, cfg: Arc<Config>) -> Arc<Api> {
+        Arc::new(Api::build(store, cfg, None))
+    }
+
+    /// An API that also exposes a running pipeline's counters at `/metrics`.
+    pub fn with_metrics(
+        store: Store,
+        cfg: Arc<Config>,
+        metrics: Arc<health::PipelineMetrics>,
+    ) -> Arc<Api> {
+        Arc::new(Api::build(store, cfg, Some(metrics)))
+    }
+
+    fn build(
+        store: Store,
+        cfg: Arc<Config>,
+        pipeline: Option<Arc<health::PipelineMetrics>>,
+    ) -> Api {
         let sketch = cfg.pipeline.sketch_config();
-        Arc::new(Api {
+        Api {
             store,
             cfg,
             sketch,
             ready: Arc::new(AtomicBool::new(false)),
+            token: std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()),
+            pipeline,
+        }
+    }
+
+    /// The configured experiment `slug`, or a 404 that says so.
+    fn experiment(&self, slug: &str) -> Result<&Experiment, ApiError> {
+        self.cfg
+            .experiments
+            .iter()
+            .find(|e| e.slug == slug)
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("experiment `{slug}` is not configured"),
+                )
+            })
+    }
+
+    /// The stream's side of health: the clock and the persisted event times.
+    fn live(&self) -> Result<Live, ApiError> {
+        Ok(Live {
+            now_micros: chrono::Utc::now().timestamp_micros(),
+            event_times: EventTimes::read(&self.store).map_err(internal)?,
+            allowed_lateness_hours: self.cfg.pipeline.allowed_lateness_hours,
         })
     }
 }
+
+/// Environment variable holding the optional bearer token.
+pub const TOKEN_ENV: &str = "SLIPSTREAM_TOKEN";
 
 /// An error answered as `{"error": "..."}` with a status.
 pub struct ApiError(StatusCode, String);
@@ -49,6 +103,16 @@ pub struct ApiError(StatusCode, String);
 impl ApiError {
     fn bad(msg: impl Into<String>) -> Self {
         ApiError(StatusCode::BAD_REQUEST, msg.into())
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+impl From<health::HealthError> for ApiError {
+    fn from(e: health::HealthError) -> Self {
+        internal(e)
     }
 }
 
@@ -75,6 +139,7 @@ pub fn router(api: Arc<Api>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/dau", get(|s, p| counting(s, p, 1)))
         .route("/v1/wau", get(|s, p| counting(s, p, 7)))
         .route("/v1/mau", get(|s, p| counting(s, p, 28)))
@@ -82,12 +147,20 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/sketch", get(union_sketch))
         .route("/v1/experiments", get(experiments))
         .route("/v1/experiments/{slug}/dau", get(experiment_dau))
+        .route("/v1/experiments/{slug}/health", get(experiment_health))
+        .route(
+            "/v1/experiments/{slug}/statistics",
+            get(experiment_statistics),
+        )
+        .route("/", get(index_page))
+        .route("/experiments/{slug}", get(experiment_page))
         .fallback(|| async {
             ApiError(
                 StatusCode::NOT_FOUND,
                 "no such endpoint; see README.md (HTTP API)".into(),
             )
         })
+        .layer(middleware::from_fn_with_state(api.clone(), authorize))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(64 * 1024))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -105,6 +178,63 @@ pub async fn serve(
     axum::serve(listener, router(api))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Constant-time equality: the time taken does not depend on where two equal-length
+/// strings first differ, so a caller cannot guess the token byte by byte from timings.
+/// (Only the length leaks, which says little about a random token.)
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    // black_box keeps the optimizer from turning the fold into an early-exit comparison.
+    std::hint::black_box(diff) == 0
+}
+
+/// Rejects requests without the bearer token, when one is configured (not the probes).
+async fn authorize(State(api): State<Arc<Api>>, req: HttpRequest, next: Next) -> Response {
+    let Some(token) = &api.token else {
+        return next.run(req).await;
+    };
+    if matches!(req.uri().path(), "/healthz" | "/readyz") {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if same_secret(g.as_bytes(), token.as_bytes()) => next.run(req).await,
+        _ => {
+            let mut r = ApiError(
+                StatusCode::UNAUTHORIZED,
+                format!("missing or wrong bearer token; send `Authorization: Bearer <token>` with the token set in {TOKEN_ENV}"),
+            )
+            .into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                "Bearer".parse().expect("valid header"),
+            );
+            r
+        }
+    }
+}
+
+/// Prometheus text exposition (see [`health::render_metrics`]).
+async fn metrics(State(api): State<Arc<Api>>) -> Result<Response, ApiError> {
+    blocking(move || {
+        let text = health::render_metrics(
+            &api.store,
+            &api.cfg,
+            &api.live()?,
+            api.ready.load(Ordering::Relaxed),
+            api.pipeline.as_deref(),
+        )?;
+        Ok(([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response())
+    })
+    .await
 }
 
 async fn readyz(State(api): State<Arc<Api>>) -> Response {
@@ -383,12 +513,29 @@ async fn union_sketch(State(api): State<Arc<Api>>, QueryParams(params): Params) 
 }
 
 async fn experiments(State(api): State<Arc<Api>>) -> ApiResult {
+    let summaries = blocking({
+        let api = api.clone();
+        move || {
+            let live = api.live()?;
+            api.cfg
+                .experiments
+                .iter()
+                .map(|e| {
+                    let h = health::health(&api.store, &api.sketch, e, &live)?;
+                    Ok(json!({"status": h.status, "enrolled_total": h.enrolled_total}))
+                })
+                .collect::<Result<Vec<Value>, ApiError>>()
+        }
+    })
+    .await?;
     let list: Vec<Value> = api
         .cfg
         .experiments
         .iter()
-        .map(|e| {
+        .zip(summaries)
+        .map(|(e, health)| {
             json!({
+                "health": health,
                 "slug": e.slug,
                 "branches": e.branches.iter().map(|b| json!({"name": b.name, "ratio": b.ratio})).collect::<Vec<_>>(),
                 "reference_branch": e.reference_branch,
@@ -407,12 +554,7 @@ async fn experiment_dau(
     Path(slug): Path<String>,
     QueryParams(params): Params,
 ) -> ApiResult {
-    let Some(exp) = api.cfg.experiments.iter().find(|e| e.slug == slug) else {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("experiment `{slug}` is not configured"),
-        ));
-    };
+    let exp = api.experiment(&slug)?;
     if let Some(k) = params
         .keys()
         .find(|k| !["date", "start", "end"].contains(&k.as_str()))
@@ -450,6 +592,131 @@ async fn experiment_dau(
             p
         };
         Ok(Json(out))
+    })
+    .await
+}
+
+/// Live health of one experiment (see [`health::health`]).
+async fn experiment_health(
+    State(api): State<Arc<Api>>,
+    Path(slug): Path<String>,
+    QueryParams(params): Params,
+) -> ApiResult {
+    api.experiment(&slug)?;
+    if let Some(k) = params.keys().next() {
+        return Err(ApiError::bad(format!(
+            "unknown parameter `{k}`; /health takes none"
+        )));
+    }
+    blocking(move || {
+        let exp = api.experiment(&slug)?;
+        let h = health::health(&api.store, &api.sketch, exp, &api.live()?)?;
+        Ok(Json(serde_json::to_value(h).map_err(internal)?))
+    })
+    .await
+}
+
+/// Published statistics rows of one period, as the `statistics_<slug>_<period>` view.
+async fn experiment_statistics(
+    State(api): State<Arc<Api>>,
+    Path(slug): Path<String>,
+    QueryParams(params): Params,
+) -> ApiResult {
+    let exp = api.experiment(&slug)?;
+    let periods: Vec<&str> = exp.periods.iter().map(|p| p.view_name()).collect();
+    let Some(given) = params.get("period") else {
+        return Err(ApiError::bad(format!(
+            "`period` is missing; expected one of {periods:?}"
+        )));
+    };
+    let period = health::parse_period(given)
+        .filter(|p| exp.periods.contains(p))
+        .ok_or_else(|| {
+            ApiError::bad(format!(
+                "`period` is \"{given}\"; expected one of {periods:?} (the experiment's periods)"
+            ))
+        })?;
+    let mut filters = Vec::new();
+    for (k, v) in &params {
+        if k == "period" {
+            continue;
+        }
+        if !health::STATISTICS_FILTERS.contains(&k.as_str()) {
+            return Err(ApiError::bad(format!(
+                "unknown parameter `{k}`; expected period or one of {:?}",
+                health::STATISTICS_FILTERS
+            )));
+        }
+        filters.push((k.clone(), v.clone()));
+    }
+    blocking(move || {
+        let exp = api.experiment(&slug)?;
+        let rows = health::statistics_rows(&api.store, exp, period, &filters).map_err(internal)?;
+        Ok(Json(json!({
+            "experiment": slug,
+            "period": period.view_name(),
+            "filters": filters_json(&filters),
+            "rows": rows,
+        })))
+    })
+    .await
+}
+
+/// The results page's index: every experiment with its health summary.
+async fn index_page(State(api): State<Arc<Api>>) -> Result<Html<String>, ApiError> {
+    blocking(move || {
+        let live = api.live()?;
+        let mut list = Vec::new();
+        for e in &api.cfg.experiments {
+            let h = health::health(&api.store, &api.sketch, e, &live)?;
+            list.push((e, h.status, h.enrolled_total));
+        }
+        Ok(Html(crate::web::index_page(&list)))
+    })
+    .await
+}
+
+/// The results page of one experiment: statistics, uplift, enrollment, DAU, windows.
+async fn experiment_page(
+    State(api): State<Arc<Api>>,
+    Path(slug): Path<String>,
+) -> Result<Html<String>, ApiError> {
+    api.experiment(&slug)?;
+    blocking(move || {
+        let exp = api.experiment(&slug)?;
+        let live = api.live()?;
+        let h = health::health(&api.store, &api.sketch, exp, &live)?;
+        let period = if exp.periods.contains(&crate::config::Period::Week) {
+            crate::config::Period::Week
+        } else {
+            exp.periods
+                .first()
+                .copied()
+                .unwrap_or(crate::config::Period::Overall)
+        };
+        let rows = health::statistics_rows(&api.store, exp, period, &[]).map_err(internal)?;
+        // DAU from enrollment start to the newest event (or today), within the end date.
+        let newest = live
+            .event_times
+            .newest()
+            .map(|t| t.day().date())
+            .unwrap_or_else(|| chrono::Utc::now().date_naive());
+        let last = newest.min(exp.end_date);
+        let mut dau = Vec::new();
+        let mut d = exp.enrollment_start;
+        while d <= last && dau.len() < api.sketch.max_range_days as usize {
+            dau.push((d, health::branch_dau(&api.sketch, &api.store, exp, d)?));
+            d = d + chrono::Days::new(1);
+        }
+        Ok(Html(crate::web::experiment_page(
+            &crate::web::ExperimentPage {
+                exp,
+                health: &h,
+                period,
+                rows: &rows,
+                dau: &dau,
+            },
+        )))
     })
     .await
 }

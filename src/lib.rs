@@ -22,6 +22,9 @@
 //! - [`sketch`]: HyperLogLog++ activity sketches (DAU/WAU/MAU by any dimensions), their
 //!   byte format, keys, rollups and query planner.
 //! - [`http`]: the HTTP API (axum) over the sketches and state.
+//! - [`health`]: experiment health checks, published statistics rows in sled, `/metrics`
+//!   counters.
+//! - [`web`]: the results page, server-side HTML with inline SVG.
 //! - [`finalize`]: the nightly pass (calendar-complete windows, dirty windows, failed
 //!   publications, status per experiment) and backfill.
 //! - [`generate`]: synthetic events for trying things out and for tests.
@@ -32,6 +35,7 @@ pub mod config;
 pub mod event;
 pub mod finalize;
 pub mod generate;
+pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod materialize;
@@ -40,4 +44,5 @@ pub mod publish;
 pub mod sketch;
 pub mod state;
 pub mod stats;
+pub mod web;
 pub mod window;

@@ -459,9 +459,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
             let server = match listen {
                 Some(addr) => {
-                    let api = slipstream::http::Api::new(
+                    let api = slipstream::http::Api::with_metrics(
                         pipeline.fold.store().clone(),
                         Arc::new(cfg.clone()),
+                        pipeline.metrics.clone(),
                     );
                     opts.ready = Some(api.ready.clone());
                     let listener = rt

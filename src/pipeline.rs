@@ -6,6 +6,7 @@
 //! is made durable first, and a table is recorded as published only after the sink
 //! confirmed it, so a crash in between just publishes it again (sinks replace tables).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::apply::Fold;
@@ -53,6 +54,8 @@ pub struct Pipeline {
     pub published_tables: u64,
     pub publish_failures: u64,
     pub times: PhaseTimes,
+    /// Counters for `/metrics`, shared with the HTTP API (`Api::with_metrics`).
+    pub metrics: Arc<crate::health::PipelineMetrics>,
     /// Current retry delay after transient sink failures (zero when healthy).
     backoff: Duration,
     /// No publication pass before this instant.
@@ -71,6 +74,7 @@ impl Pipeline {
             published_tables: 0,
             publish_failures: 0,
             times: PhaseTimes::default(),
+            metrics: Arc::new(crate::health::PipelineMetrics::new()),
             backoff: Duration::ZERO,
             backoff_until: None,
         }
@@ -121,7 +125,11 @@ impl Pipeline {
     ) -> Result<PublishReport, StateError> {
         let started = Instant::now();
         self.fold.flush()?;
-        self.times.flush += started.elapsed();
+        let took = started.elapsed();
+        self.times.flush += took;
+        let stats = &self.fold.stats;
+        self.metrics
+            .record_flush(stats.folded, &stats.rejected, took);
         let mut report = PublishReport::default();
         if self.backoff_until.is_some_and(|t| Instant::now() < t) {
             return Ok(report); // the sink is down: keep folding, publish later
@@ -248,10 +256,18 @@ impl Pipeline {
         report: &mut PublishReport,
     ) -> Result<Outcome, StateError> {
         let started = Instant::now();
+        self.metrics.publish_attempts.inc();
         let result = self.sink.publish(table);
         self.times.sink += started.elapsed();
         match result {
             Ok(()) => {
+                // The HTTP API serves a window's statistics rows from sled: stored before
+                // the record that marks the window published.
+                if let (TableKind::Statistics { .. }, Some(x)) = (&table.kind, owner) {
+                    let slug = &self.fold.config().experiments[x].slug;
+                    crate::health::store_statistics(self.fold.store(), slug, table)?;
+                }
+                self.metrics.tables_published.inc();
                 report.tables += 1;
                 report.rows += table.rows.len();
                 self.published_tables += 1;
@@ -289,6 +305,14 @@ impl Pipeline {
         report: &mut PublishReport,
     ) -> Result<(), StateError> {
         self.publish_failures += 1;
+        let kind = match e {
+            PublishError::Permanent { .. } => "permanent",
+            PublishError::Transient { .. } => "transient",
+        };
+        self.metrics
+            .publish_failures
+            .with_label_values(&[kind])
+            .inc();
         tracing::error!(table, error = %e, "publication failed");
         report.failures.push(e.to_string());
         let mut rec = self

@@ -346,6 +346,20 @@ impl Store {
         self.partition_values(&keys::event_time_prefix(source))
     }
 
+    /// Newest event time per (source, partition) of every source seen, for health and
+    /// metrics (which do not know whether the state was fed from Kafka or from files).
+    pub fn all_event_times(&self) -> Result<Vec<(String, i32, i64)>, StateError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(b"T") {
+            let (k, v) = kv?;
+            // T <source> \0 <partition: 4 bytes, big-endian>
+            let source = String::from_utf8_lossy(&k[1..k.len() - 5]).into_owned();
+            let p = i32::from_be_bytes(k[k.len() - 4..].try_into().unwrap());
+            out.push((source, p, be_i64(&v)));
+        }
+        Ok(out)
+    }
+
     fn partition_values(&self, prefix: &[u8]) -> Result<BTreeMap<i32, i64>, StateError> {
         let mut out = BTreeMap::new();
         for kv in self.db.scan_prefix(prefix) {

@@ -14,6 +14,11 @@ SLIPSTREAM_BQEMULATOR="$(deploy/local/install-bqemulator.sh | tail -n 1)"
 export SLIPSTREAM_BQEMULATOR
 echo "bqemulator: $SLIPSTREAM_BQEMULATOR"
 
+CHROMIUM="$(deploy/local/install-chromium.sh | tail -n 1)"
+echo "chromium: $CHROMIUM"
+# The results page test must run the real browser here, not skip it.
+export SLIPSTREAM_REQUIRE_CHROMIUM=1
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -195,6 +195,18 @@ pub async fn run(
         }
         if last_report.elapsed() >= Duration::from_secs(30) {
             last_report = Instant::now();
+            // Consumer lag for /metrics: messages between the next offset and the high
+            // watermark (cached from librdkafka statistics; fetched when missing).
+            let marks =
+                tokio::task::block_in_place(|| source.high_watermarks(Duration::from_secs(1)));
+            for (topic, p, high) in marks {
+                let next = positions.next_offset(&topic, p).unwrap_or(0);
+                pipeline
+                    .metrics
+                    .consumer_lag
+                    .with_label_values(&[topic.as_str(), &p.to_string()])
+                    .set((high - next).max(0));
+            }
             let rejects: Vec<String> = pipeline
                 .fold
                 .reject_totals()

@@ -1,0 +1,1132 @@
+//! Experiment health and published results, read from the store for the HTTP API.
+//!
+//! Plain functions over [`Store`]: enrollment, exposure and unenrollment counts per branch
+//! (scanned from the enrollment records), the sample ratio mismatch test, the state of every
+//! analysis window (from the publication records and the watermark), live DAU per branch
+//! and event-time lag. Each finding becomes a [`Check`] with a status and a one-line reason.
+//! Everything here is aggregate: no function returns a client id.
+//!
+//! The published statistics rows are kept in sled under `S<slug>\0<table>` (one NDJSON
+//! document per table, the columns of DESIGN.md section 5), written by the pipeline after
+//! the sink confirmed the table; [`statistics_rows`] reads them back as the views would.
+
+use std::collections::BTreeMap;
+
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    TextEncoder,
+};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::{Config, Experiment, Period};
+use crate::event::{Day, RejectReason, Timestamp};
+use crate::publish::{local::write_row, TableData};
+use crate::sketch::{self, CountAnswer, SketchConfig, SketchError};
+use crate::state::{PublishedRecord, StateError, Store};
+use crate::stats::srm::{sample_ratio_mismatch, Srm};
+use crate::window::{self, Window};
+
+/// SRM p-values below this raise an alert (the threshold experimentation platforms use).
+pub const SRM_ALERT_P: f64 = 0.001;
+
+/// Unenrolled share of enrolled clients above which the unenrollment check warns.
+const UNENROLLED_WARN_SHARE: f64 = 0.05;
+
+/// Event-time lag (micros) up to which the stream counts as live.
+const LAG_OK_MICROS: i64 = 3_600_000_000;
+
+const MICROS_PER_HOUR: i64 = 3_600_000_000;
+
+/// Errors reading health; both sources of failure say where they came from.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Sketch(#[from] SketchError),
+}
+
+/// How worrying a check is; ordered so that the worst of several is their maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Warn,
+    Alert,
+}
+
+/// One named finding with a one-line reason a person can act on.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub reason: String,
+}
+
+/// Counts of one branch, from the enrollment records.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BranchCounts {
+    pub branch: String,
+    /// Configured share (normalized over the branches).
+    pub expected_share: f64,
+    pub enrolled: u64,
+    /// Enrolled clients with at least one exposure.
+    pub exposed: u64,
+    /// `exposed / enrolled` (0 when nobody enrolled).
+    pub exposure_rate: f64,
+    /// Enrolled clients with at least one unenrollment.
+    pub unenrolled: u64,
+    /// Exposure and unenrollment events in total (for volume, not clients).
+    pub exposure_events: u64,
+    pub unenrollment_events: u64,
+}
+
+/// Enrolled clients per branch (config order) on one enrollment date.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EnrollmentDay {
+    pub date: String,
+    /// In the order of the experiment's branches.
+    pub enrolled: Vec<u64>,
+}
+
+/// What the enrollment records say about an experiment.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EnrollmentSummary {
+    pub branches: Vec<BranchCounts>,
+    pub by_day: Vec<EnrollmentDay>,
+    /// Records with exposures or unenrollments but no enrollment in the period.
+    pub not_enrolled_records: u64,
+}
+
+impl EnrollmentSummary {
+    pub fn enrolled_total(&self) -> u64 {
+        self.branches.iter().map(|b| b.enrolled).sum()
+    }
+}
+
+/// Scans the experiment's enrollment records once and counts per branch and per day.
+pub fn enrollment_summary(
+    store: &Store,
+    exp: &Experiment,
+) -> Result<EnrollmentSummary, StateError> {
+    let ratio_sum: f64 = exp.branches.iter().map(|b| b.ratio).sum();
+    let mut branches: Vec<BranchCounts> = exp
+        .branches
+        .iter()
+        .map(|b| BranchCounts {
+            branch: b.name.clone(),
+            expected_share: if ratio_sum > 0.0 {
+                b.ratio / ratio_sum
+            } else {
+                0.0
+            },
+            enrolled: 0,
+            exposed: 0,
+            exposure_rate: 0.0,
+            unenrolled: 0,
+            exposure_events: 0,
+            unenrollment_events: 0,
+        })
+        .collect();
+    let mut by_day: BTreeMap<Day, Vec<u64>> = BTreeMap::new();
+    let mut not_enrolled_records = 0;
+    for entry in store.enrollments(&exp.slug) {
+        let rec = entry?.record;
+        let (Some(enrolled), Some(day)) = (&rec.enrolled, rec.enrollment_day()) else {
+            not_enrolled_records += 1;
+            continue;
+        };
+        // The fold rejects unknown branches, so this only misses after a config change.
+        let Some(b) = exp.branch_index(&enrolled.branch) else {
+            not_enrolled_records += 1;
+            continue;
+        };
+        let c = &mut branches[b];
+        c.enrolled += 1;
+        c.exposed += u64::from(rec.first_exposure.is_some());
+        c.unenrolled += u64::from(rec.first_unenrollment.is_some());
+        c.exposure_events += u64::from(rec.num_exposure_events);
+        c.unenrollment_events += u64::from(rec.num_unenrollment_events);
+        by_day
+            .entry(day)
+            .or_insert_with(|| vec![0; exp.branches.len()])[b] += 1;
+    }
+    for c in &mut branches {
+        c.exposure_rate = if c.enrolled > 0 {
+            c.exposed as f64 / c.enrolled as f64
+        } else {
+            0.0
+        };
+    }
+    Ok(EnrollmentSummary {
+        branches,
+        by_day: by_day
+            .into_iter()
+            .map(|(d, enrolled)| EnrollmentDay {
+                date: d.to_string(),
+                enrolled,
+            })
+            .collect(),
+        not_enrolled_records,
+    })
+}
+
+/// The SRM test with its verdict.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SrmVerdict {
+    #[serde(flatten)]
+    pub test: Srm,
+    /// `p_value < SRM_ALERT_P`.
+    pub mismatch: bool,
+    pub threshold: f64,
+}
+
+/// SRM against the configured ratios; None when it cannot be computed (see
+/// [`sample_ratio_mismatch`]).
+pub fn srm(exp: &Experiment, summary: &EnrollmentSummary) -> Option<SrmVerdict> {
+    let observed: Vec<u64> = summary.branches.iter().map(|b| b.enrolled).collect();
+    let ratios: Vec<f64> = exp.branches.iter().map(|b| b.ratio).collect();
+    sample_ratio_mismatch(&observed, &ratios).map(|test| SrmVerdict {
+        mismatch: test.p_value < SRM_ALERT_P,
+        threshold: SRM_ALERT_P,
+        test,
+    })
+}
+
+/// Where a window is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowPhase {
+    /// Some enrolled client's span of it is not over yet.
+    Open,
+    /// Over for everyone, not published yet.
+    Complete,
+    Published,
+    /// Published, and late events touched it since.
+    Dirty,
+    /// The last publication attempt failed.
+    Failed,
+}
+
+/// One window's state, as `/health` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WindowState {
+    pub table: String,
+    pub period: &'static str,
+    pub index: u32,
+    /// Days after enrollment, inclusive.
+    pub start: u32,
+    pub end: u32,
+    pub state: WindowPhase,
+    /// When the window is complete for every client (RFC 3339).
+    pub complete_at: String,
+    pub published_at: Option<String>,
+    pub rows: u64,
+    pub late_events: u64,
+    pub failures: u32,
+    pub last_error: Option<String>,
+    /// The last failure was permanent: not retried until `finalize`.
+    pub permanent: bool,
+}
+
+fn rfc3339(micros: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+/// The phase of a window from its publication record and the watermark.
+pub fn window_phase(
+    rec: Option<&PublishedRecord>,
+    complete_at: Timestamp,
+    watermark: Option<Timestamp>,
+) -> WindowPhase {
+    match rec {
+        Some(r) if r.failures > 0 => WindowPhase::Failed,
+        Some(r) if r.published_at > 0 && r.late_events > 0 => WindowPhase::Dirty,
+        Some(r) if r.published_at > 0 => WindowPhase::Published,
+        _ if watermark.is_some_and(|w| w >= complete_at) => WindowPhase::Complete,
+        _ => WindowPhase::Open,
+    }
+}
+
+/// Every window of the experiment with its state.
+pub fn window_states(
+    exp: &Experiment,
+    published: &BTreeMap<String, PublishedRecord>,
+    watermark: Option<Timestamp>,
+) -> Vec<WindowState> {
+    window::windows(exp)
+        .into_iter()
+        .map(|w: Window| {
+            let table = w.statistics_table(exp);
+            let rec = published.get(&table);
+            let complete_at = w.complete_at(exp);
+            let r = rec.cloned().unwrap_or_default();
+            WindowState {
+                state: window_phase(rec, complete_at, watermark),
+                period: w.period.view_name(),
+                index: w.index,
+                start: w.start,
+                end: w.end,
+                complete_at: rfc3339(complete_at.0),
+                published_at: (r.published_at > 0).then(|| rfc3339(r.published_at)),
+                rows: r.rows,
+                late_events: r.late_events,
+                failures: r.failures,
+                last_error: r.last_error,
+                permanent: r.permanent,
+                table,
+            }
+        })
+        .collect()
+}
+
+/// Newest event time per (source, partition), as the fold persisted it (`T` keys).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventTimes(pub Vec<(String, i32, i64)>);
+
+impl EventTimes {
+    /// Reads the event times of every source (Kafka topics, replayed files).
+    pub fn read(store: &Store) -> Result<EventTimes, StateError> {
+        Ok(EventTimes(store.all_event_times()?))
+    }
+
+    fn valid(&self) -> impl Iterator<Item = i64> + Clone + '_ {
+        self.0.iter().map(|(_, _, t)| *t).filter(|t| *t != i64::MIN)
+    }
+
+    pub fn newest(&self) -> Option<Timestamp> {
+        self.valid().max().map(Timestamp)
+    }
+
+    /// The watermark as the fold computes it without idleness: the oldest partition's
+    /// newest event, minus the allowed lateness.
+    pub fn watermark(&self, allowed_lateness_hours: u32) -> Option<Timestamp> {
+        let oldest = self.valid().min()?;
+        Some(Timestamp(
+            oldest - i64::from(allowed_lateness_hours) * MICROS_PER_HOUR,
+        ))
+    }
+}
+
+/// Distinct clients per branch on one date (by the branch their telemetry reported).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BranchDau {
+    pub branch: String,
+    pub estimate: f64,
+    pub standard_error: f64,
+    pub lower: f64,
+    pub upper: f64,
+}
+
+/// DAU per branch on `date`, in config order (zero for branches without activity).
+pub fn branch_dau(
+    sketch_cfg: &SketchConfig,
+    store: &Store,
+    exp: &Experiment,
+    date: chrono::NaiveDate,
+) -> Result<Vec<BranchDau>, SketchError> {
+    let found = sketch::experiment_branches(sketch_cfg, store, &exp.slug, date, date)?;
+    Ok(exp
+        .branches
+        .iter()
+        .map(|b| {
+            let a = found
+                .iter()
+                .find(|(n, _)| *n == b.name)
+                .map(|(_, a)| *a)
+                .unwrap_or(CountAnswer::new(0.0, 0.0));
+            BranchDau {
+                branch: b.name.clone(),
+                estimate: a.estimate.round(),
+                standard_error: a.standard_error,
+                lower: a.lower,
+                upper: a.upper,
+            }
+        })
+        .collect())
+}
+
+/// The whole health report of one experiment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Health {
+    pub experiment: String,
+    /// The worst status of the checks.
+    pub status: Status,
+    pub checks: Vec<Check>,
+    pub enrolled_total: u64,
+    pub branches: Vec<BranchCounts>,
+    pub enrollment_by_day: Vec<EnrollmentDay>,
+    pub srm: Option<SrmVerdict>,
+    pub windows: Vec<WindowState>,
+    pub last_published_at: Option<String>,
+    pub newest_event_time: Option<String>,
+    pub watermark: Option<String>,
+    pub event_time_lag_seconds: Option<f64>,
+    /// Live DAU per branch on the newest event's date.
+    pub dau_date: Option<String>,
+    pub dau: Vec<BranchDau>,
+    /// What this report does not cover yet, so nobody reads its absence as "fine".
+    pub not_reported: Vec<&'static str>,
+}
+
+/// Inputs of [`checks`] that come from the clock and the stream rather than the records.
+pub struct Live {
+    pub now_micros: i64,
+    pub event_times: EventTimes,
+    pub allowed_lateness_hours: u32,
+}
+
+/// Turns the findings into checks (pure: unit-tested with exact reasons).
+pub fn checks(
+    exp: &Experiment,
+    summary: &EnrollmentSummary,
+    srm: Option<&SrmVerdict>,
+    windows: &[WindowState],
+    live: &Live,
+) -> Vec<Check> {
+    let mut out = Vec::new();
+    let today = Timestamp(live.now_micros).day().date();
+    let total = summary.enrolled_total();
+    out.push(if total > 0 {
+        Check {
+            name: "enrollment",
+            status: Status::Ok,
+            reason: format!("{total} clients enrolled"),
+        }
+    } else if today < exp.enrollment_start {
+        Check {
+            name: "enrollment",
+            status: Status::Ok,
+            reason: format!("enrollment starts on {}", exp.enrollment_start),
+        }
+    } else {
+        Check {
+            name: "enrollment",
+            status: Status::Warn,
+            reason: "no client has enrolled yet; check that enrollment events arrive".into(),
+        }
+    });
+    out.push(match srm {
+        Some(s) if s.mismatch => Check {
+            name: "sample_ratio",
+            status: Status::Alert,
+            reason: format!("sample ratio mismatch: p = {:.2e} < {SRM_ALERT_P}; enrolled {} against configured ratios {:?}; results are suspect until the cause is found", s.test.p_value, counts(summary), exp.branches.iter().map(|b| b.ratio).collect::<Vec<_>>()),
+        },
+        Some(s) => Check {
+            name: "sample_ratio",
+            status: Status::Ok,
+            reason: format!("enrolled {} match the configured ratios (p = {:.3})", counts(summary), s.test.p_value),
+        },
+        None => Check {
+            name: "sample_ratio",
+            status: Status::Warn,
+            reason: "not computable yet: needs two or more branches and enrolled clients".into(),
+        },
+    });
+    let exposed: u64 = summary.branches.iter().map(|b| b.exposed).sum();
+    let unexposed: Vec<&str> = summary
+        .branches
+        .iter()
+        .filter(|b| b.enrolled > 0 && b.exposed == 0)
+        .map(|b| b.branch.as_str())
+        .collect();
+    out.push(if exposed > 0 && !unexposed.is_empty() {
+        Check {
+            name: "exposure",
+            status: Status::Warn,
+            reason: format!("branches {unexposed:?} have no exposed client while others do"),
+        }
+    } else {
+        Check {
+            name: "exposure",
+            status: Status::Ok,
+            reason: format!(
+                "exposure rates {}",
+                summary
+                    .branches
+                    .iter()
+                    .map(|b| format!("{} {:.1}%", b.branch, 100.0 * b.exposure_rate))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    });
+    let unenrolled: u64 = summary.branches.iter().map(|b| b.unenrolled).sum();
+    let share = if total > 0 {
+        unenrolled as f64 / total as f64
+    } else {
+        0.0
+    };
+    out.push(Check {
+        name: "unenrollment",
+        status: if share > UNENROLLED_WARN_SHARE {
+            Status::Warn
+        } else {
+            Status::Ok
+        },
+        reason: format!(
+            "{unenrolled} of {total} enrolled clients unenrolled ({:.1}%; warns above {:.0}%)",
+            100.0 * share,
+            100.0 * UNENROLLED_WARN_SHARE
+        ),
+    });
+    out.push(windows_check(windows));
+    let newest = live.event_times.newest();
+    out.push(match newest {
+        None => Check {
+            name: "event_time_lag",
+            status: Status::Warn,
+            reason: "no event time recorded for the configured sources yet".into(),
+        },
+        Some(_) if today > exp.end_date => Check {
+            name: "event_time_lag",
+            status: Status::Ok,
+            reason: format!("the experiment ended on {}; no more events expected", exp.end_date),
+        },
+        Some(t) => {
+            let lag = live.now_micros - t.0;
+            let lateness = i64::from(live.allowed_lateness_hours) * MICROS_PER_HOUR;
+            let status = if lag <= LAG_OK_MICROS {
+                Status::Ok
+            } else if lag <= lateness {
+                Status::Warn
+            } else {
+                Status::Alert
+            };
+            Check {
+                name: "event_time_lag",
+                status,
+                reason: format!(
+                    "newest event is {:.1} h behind the wall clock (ok up to 1 h, alert beyond the allowed lateness of {} h)",
+                    lag as f64 / MICROS_PER_HOUR as f64,
+                    live.allowed_lateness_hours
+                ),
+            }
+        }
+    });
+    out
+}
+
+fn counts(summary: &EnrollmentSummary) -> String {
+    summary
+        .branches
+        .iter()
+        .map(|b| format!("{} {}", b.branch, b.enrolled))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn windows_check(windows: &[WindowState]) -> Check {
+    let n = |p: WindowPhase| windows.iter().filter(|w| w.state == p).count();
+    let failed: Vec<&WindowState> = windows
+        .iter()
+        .filter(|w| w.state == WindowPhase::Failed)
+        .collect();
+    let summary = format!(
+        "{} published, {} dirty, {} complete awaiting publication, {} open, {} failed",
+        n(WindowPhase::Published),
+        n(WindowPhase::Dirty),
+        n(WindowPhase::Complete),
+        n(WindowPhase::Open),
+        failed.len()
+    );
+    match failed.first() {
+        Some(w) => Check {
+            name: "windows",
+            status: if failed.iter().any(|w| w.permanent) {
+                Status::Alert
+            } else {
+                Status::Warn
+            },
+            reason: format!(
+                "{summary}; {} failed: {}",
+                w.table,
+                w.last_error.as_deref().unwrap_or("no reason recorded")
+            ),
+        },
+        None => Check {
+            name: "windows",
+            status: Status::Ok,
+            reason: summary,
+        },
+    }
+}
+
+/// Computes the health of one experiment from the store.
+pub fn health(
+    store: &Store,
+    sketch_cfg: &SketchConfig,
+    exp: &Experiment,
+    live: &Live,
+) -> Result<Health, HealthError> {
+    let summary = enrollment_summary(store, exp)?;
+    let srm = srm(exp, &summary);
+    let published = store.published(&exp.slug)?;
+    let watermark = live.event_times.watermark(live.allowed_lateness_hours);
+    let windows = window_states(exp, &published, watermark);
+    let last_published = published
+        .values()
+        .map(|r| r.published_at)
+        .filter(|t| *t > 0)
+        .max();
+    let newest = live.event_times.newest();
+    let dau_date = newest.map(|t| t.day().date());
+    let dau = match dau_date {
+        Some(d) => branch_dau(sketch_cfg, store, exp, d)?,
+        None => Vec::new(),
+    };
+    let checks = checks(exp, &summary, srm.as_ref(), &windows, live);
+    Ok(Health {
+        experiment: exp.slug.clone(),
+        status: checks.iter().map(|c| c.status).max().unwrap_or(Status::Ok),
+        checks,
+        enrolled_total: summary.enrolled_total(),
+        branches: summary.branches,
+        enrollment_by_day: summary.by_day,
+        srm,
+        windows,
+        last_published_at: last_published.map(rfc3339),
+        newest_event_time: newest.map(|t| rfc3339(t.0)),
+        watermark: watermark.map(|t| rfc3339(t.0)),
+        event_time_lag_seconds: newest.map(|t| (live.now_micros - t.0) as f64 / 1e6),
+        dau_date: dau_date.map(|d| d.to_string()),
+        dau,
+        not_reported: vec![
+            "clients with contradictory branches and untagged data per data source (counted only while materializing aggregate tables)",
+            "consumer lag per partition (known only to the running consumer)",
+        ],
+    })
+}
+
+/// The sled key of a published statistics table's rows.
+pub fn statistics_key(slug: &str, table: &str) -> Vec<u8> {
+    [b"S", slug.as_bytes(), b"\0", table.as_bytes()].concat()
+}
+
+/// A statistics table's rows as stored: NDJSON in the local sink's encoding.
+pub fn statistics_value(table: &TableData) -> Vec<u8> {
+    let mut out = Vec::new();
+    for row in &table.rows {
+        write_row(&mut out, table, row).expect("writing to memory cannot fail");
+    }
+    out
+}
+
+/// Stores a published statistics table's rows (replacing the previous ones).
+pub fn store_statistics(store: &Store, slug: &str, table: &TableData) -> Result<(), StateError> {
+    let mut batch = sled::Batch::default();
+    batch.insert(statistics_key(slug, &table.name), statistics_value(table));
+    store.apply(batch)
+}
+
+/// The period a `period=` parameter names: a view name (`weekly`) or a table name (`week`).
+pub fn parse_period(s: &str) -> Option<Period> {
+    Period::ALL
+        .into_iter()
+        .find(|p| p.view_name() == s || p.table_name() == s)
+}
+
+/// Columns a statistics query may filter on, with an exact match.
+pub const STATISTICS_FILTERS: [&str; 6] = [
+    "metric",
+    "segment",
+    "statistic",
+    "branch",
+    "comparison",
+    "analysis_basis",
+];
+
+/// The published rows of a period's statistics tables, with `window_index` added as in the
+/// `statistics_<slug>_<period>` views, in window order, filtered by exact column values.
+pub fn statistics_rows(
+    store: &Store,
+    exp: &Experiment,
+    period: Period,
+    filters: &[(String, String)],
+) -> Result<Vec<Value>, StateError> {
+    let mut out = Vec::new();
+    for w in window::windows(exp)
+        .into_iter()
+        .filter(|w| w.period == period)
+    {
+        let key = statistics_key(&exp.slug, &w.statistics_table(exp));
+        let Some(bytes) = store.get_raw(&key)? else {
+            continue;
+        };
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let mut row: serde_json::Map<String, Value> =
+                serde_json::from_slice(line).map_err(|e| StateError::Corrupt {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    detail: e.to_string(),
+                })?;
+            let keep = filters
+                .iter()
+                .all(|(k, v)| row.get(k).and_then(Value::as_str) == Some(v.as_str()));
+            if keep {
+                row.insert("window_index".into(), Value::from(w.index));
+                out.push(Value::Object(row));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Operational counters of the running pipeline (`run`, `replay`): shared through an
+/// `Arc` by the pipeline, which updates them, and the HTTP API, which exposes them at
+/// `/metrics`. `serve` has none; what sled records durably is read at scrape time.
+pub struct PipelineMetrics {
+    registry: prometheus::Registry,
+    /// Events folded into state since the process started.
+    pub events_folded: IntCounter,
+    /// Rejected events by reason since the process started.
+    pub events_rejected: IntCounterVec,
+    /// Time to write one folded batch (state and offsets) to sled.
+    pub batch_commit_seconds: Histogram,
+    /// Sink calls, successful publications and failures by kind (transient, permanent).
+    pub publish_attempts: IntCounter,
+    pub tables_published: IntCounter,
+    pub publish_failures: IntCounterVec,
+    /// Messages behind the high watermark, per topic partition (set by the Kafka source).
+    pub consumer_lag: IntGaugeVec,
+    /// What `record_flush` saw last, to turn the fold's running totals into increments.
+    seen: std::sync::Mutex<(u64, [u64; RejectReason::ALL.len()])>,
+}
+
+impl Default for PipelineMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PipelineMetrics {
+    pub fn new() -> PipelineMetrics {
+        let registry = prometheus::Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            registry.register(c).expect("metric names are unique");
+        };
+        let events_folded = IntCounter::new(
+            "slipstream_events_folded_total",
+            "Events folded into state by this process.",
+        )
+        .expect("valid metric");
+        let events_rejected = IntCounterVec::new(
+            Opts::new(
+                "slipstream_events_rejected_total",
+                "Events rejected by this process, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let batch_commit_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "slipstream_batch_commit_seconds",
+                "Time to write one folded batch with its offsets to sled.",
+            )
+            .buckets(prometheus::exponential_buckets(0.001, 2.0, 14).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        let publish_attempts = IntCounter::new(
+            "slipstream_publish_attempts_total",
+            "Tables handed to the sink.",
+        )
+        .expect("valid metric");
+        let tables_published = IntCounter::new(
+            "slipstream_tables_published_total",
+            "Tables the sink confirmed.",
+        )
+        .expect("valid metric");
+        let publish_failures = IntCounterVec::new(
+            Opts::new(
+                "slipstream_publish_failures_total",
+                "Failed publications by kind (transient ones are retried).",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "slipstream_consumer_lag_messages",
+                "Messages between the consumed offset and the high watermark.",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        reg(Box::new(events_folded.clone()));
+        reg(Box::new(events_rejected.clone()));
+        reg(Box::new(batch_commit_seconds.clone()));
+        reg(Box::new(publish_attempts.clone()));
+        reg(Box::new(tables_published.clone()));
+        reg(Box::new(publish_failures.clone()));
+        reg(Box::new(consumer_lag.clone()));
+        PipelineMetrics {
+            registry,
+            events_folded,
+            events_rejected,
+            batch_commit_seconds,
+            publish_attempts,
+            tables_published,
+            publish_failures,
+            consumer_lag,
+            seen: Default::default(),
+        }
+    }
+
+    /// Records a flush: the fold's running totals (folded, rejected) and its duration.
+    pub fn record_flush(
+        &self,
+        folded: u64,
+        rejected: &[u64; RejectReason::ALL.len()],
+        took: std::time::Duration,
+    ) {
+        self.batch_commit_seconds.observe(took.as_secs_f64());
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        self.events_folded.inc_by(folded.saturating_sub(seen.0));
+        for (i, r) in RejectReason::ALL.iter().enumerate() {
+            let d = rejected[i].saturating_sub(seen.1[i]);
+            if d > 0 {
+                self.events_rejected
+                    .with_label_values(&[r.as_str()])
+                    .inc_by(d);
+            }
+        }
+        *seen = (folded, *rejected);
+    }
+}
+
+/// Everything `/metrics` exposes, in the Prometheus text format: the process's pipeline
+/// counters (when it runs one) and what sled holds (durable reject totals, publication
+/// records, window states, sketch count, size on disk, event times).
+pub fn render_metrics(
+    store: &Store,
+    cfg: &Config,
+    live: &Live,
+    ready: bool,
+    pipeline: Option<&PipelineMetrics>,
+) -> Result<String, HealthError> {
+    let registry = prometheus::Registry::new();
+    let gauge = |name: &str, help: &str, labels: &[&str]| {
+        let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+        registry
+            .register(Box::new(g.clone()))
+            .expect("unique names");
+        g
+    };
+    let counter = |name: &str, help: &str, labels: &[&str]| {
+        let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+        registry
+            .register(Box::new(c.clone()))
+            .expect("unique names");
+        c
+    };
+    let single = |name: &str, help: &str, v: f64| {
+        let g = Gauge::new(name, help).expect("valid metric");
+        g.set(v);
+        registry.register(Box::new(g)).expect("unique names");
+    };
+    let rejected = counter(
+        "slipstream_rejected_events_stored_total",
+        "Rejected events by reason, as durably counted in the state (all runs).",
+        &["reason"],
+    );
+    for (r, n) in store.rejects()? {
+        rejected.with_label_values(&[r.as_str()]).inc_by(n);
+    }
+    let tables = gauge(
+        "slipstream_published_tables",
+        "Tables with a successful publication on record.",
+        &["experiment"],
+    );
+    let failing = gauge(
+        "slipstream_failing_tables",
+        "Tables whose last publication attempt failed.",
+        &["experiment"],
+    );
+    let windows = gauge(
+        "slipstream_windows",
+        "Analysis windows by state.",
+        &["experiment", "state"],
+    );
+    let last = gauge(
+        "slipstream_last_publication_timestamp_seconds",
+        "Wall clock of the last successful publication.",
+        &["experiment"],
+    );
+    let watermark = live.event_times.watermark(live.allowed_lateness_hours);
+    for exp in &cfg.experiments {
+        let published = store.published(&exp.slug)?;
+        let slug = exp.slug.as_str();
+        let ok = published.values().filter(|r| r.published_at > 0).count();
+        tables.with_label_values(&[slug]).set(ok as f64);
+        let bad = published.values().filter(|r| r.failures > 0).count();
+        failing.with_label_values(&[slug]).set(bad as f64);
+        if let Some(t) = published
+            .values()
+            .map(|r| r.published_at)
+            .filter(|t| *t > 0)
+            .max()
+        {
+            last.with_label_values(&[slug]).set(t as f64 / 1e6);
+        }
+        let states = window_states(exp, &published, watermark);
+        for phase in ["open", "complete", "published", "dirty", "failed"] {
+            let n = states
+                .iter()
+                .filter(|w| serde_json::to_value(w.state).ok() == Some(Value::from(phase)))
+                .count();
+            windows.with_label_values(&[slug, phase]).set(n as f64);
+        }
+    }
+    let mut sketches = 0u64;
+    crate::sketch::SketchSource::scan_prefix(store, b"", &mut |_, _| {
+        sketches += 1;
+        Ok(())
+    })?;
+    single(
+        "slipstream_sketches",
+        "Activity sketches stored.",
+        sketches as f64,
+    );
+    single(
+        "slipstream_state_size_bytes",
+        "Size of the sled state on disk.",
+        store.size_on_disk() as f64,
+    );
+    single(
+        "slipstream_ready",
+        "1 once the state is open (and the consumer assigned).",
+        if ready { 1.0 } else { 0.0 },
+    );
+    if let Some(t) = live.event_times.newest() {
+        single(
+            "slipstream_newest_event_timestamp_seconds",
+            "Event time of the newest event folded.",
+            t.0 as f64 / 1e6,
+        );
+        single(
+            "slipstream_event_time_lag_seconds",
+            "Wall clock minus the newest event time.",
+            (live.now_micros - t.0) as f64 / 1e6,
+        );
+    }
+    let mut families = registry.gather();
+    if let Some(p) = pipeline {
+        families.extend(p.registry.gather());
+    }
+    let mut out = String::new();
+    TextEncoder::new()
+        .encode_utf8(&families, &mut out)
+        .map_err(|e| {
+            HealthError::State(StateError::Corrupt {
+                key: "metrics".into(),
+                detail: e.to_string(),
+            })
+        })?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AnalysisBasis, Branch};
+    use chrono::NaiveDate;
+
+    fn exp() -> Experiment {
+        Experiment {
+            slug: "h".into(),
+            branches: vec![
+                Branch {
+                    name: "control".into(),
+                    ratio: 1.0,
+                },
+                Branch {
+                    name: "treatment".into(),
+                    ratio: 1.0,
+                },
+            ],
+            reference_branch: "control".into(),
+            enrollment_start: NaiveDate::from_ymd_opt(2026, 11, 1).unwrap(),
+            enrollment_period: 7,
+            end_date: NaiveDate::from_ymd_opt(2026, 11, 23).unwrap(),
+            analysis_bases: vec![AnalysisBasis::Enrollments],
+            periods: vec![Period::Week],
+            segments: vec![],
+            metrics: vec![],
+            seed: 1,
+        }
+    }
+
+    fn summary(enrolled: [u64; 2], exposed: [u64; 2], unenrolled: [u64; 2]) -> EnrollmentSummary {
+        let e = exp();
+        EnrollmentSummary {
+            branches: (0..2)
+                .map(|i| BranchCounts {
+                    branch: e.branches[i].name.clone(),
+                    expected_share: 0.5,
+                    enrolled: enrolled[i],
+                    exposed: exposed[i],
+                    exposure_rate: exposed[i] as f64 / enrolled[i].max(1) as f64,
+                    unenrolled: unenrolled[i],
+                    exposure_events: 0,
+                    unenrollment_events: 0,
+                })
+                .collect(),
+            by_day: vec![],
+            not_enrolled_records: 0,
+        }
+    }
+
+    fn micros(date: &str, hour: i64) -> i64 {
+        let d = NaiveDate::parse_from_str(date, "%Y-%m-%d").unwrap();
+        Timestamp::from_day(Day::from_date(d)).0 + hour * MICROS_PER_HOUR
+    }
+
+    fn live(now: i64, newest: Option<i64>) -> Live {
+        Live {
+            now_micros: now,
+            event_times: EventTimes(newest.map(|t| ("t".into(), 0, t)).into_iter().collect()),
+            allowed_lateness_hours: 24,
+        }
+    }
+
+    fn find<'a>(checks: &'a [Check], name: &str) -> &'a Check {
+        checks.iter().find(|c| c.name == name).unwrap()
+    }
+
+    #[test]
+    fn srm_alerts_below_the_threshold_only() {
+        let e = exp();
+        // 520 vs 480: p = 0.206, fine.
+        let s = summary([520, 480], [0, 0], [0, 0]);
+        let v = srm(&e, &s).unwrap();
+        assert!(!v.mismatch);
+        let now = micros("2026-11-05", 12);
+        let c = checks(&e, &s, Some(&v), &[], &live(now, Some(now)));
+        assert_eq!(find(&c, "sample_ratio").status, Status::Ok);
+        // 600 vs 400: χ² = 40, p ≈ 2.5e-10.
+        let s = summary([600, 400], [0, 0], [0, 0]);
+        let v = srm(&e, &s).unwrap();
+        assert!(v.mismatch && v.test.p_value < 1e-9);
+        let c = checks(&e, &s, Some(&v), &[], &live(now, Some(now)));
+        let check = find(&c, "sample_ratio");
+        assert_eq!(check.status, Status::Alert);
+        assert!(
+            check.reason.contains("control 600, treatment 400"),
+            "{}",
+            check.reason
+        );
+    }
+
+    #[test]
+    fn lag_exposure_and_unenrollment_checks() {
+        let e = exp();
+        let now = micros("2026-11-05", 12);
+        let s = summary([100, 100], [50, 0], [3, 20]);
+        let c = checks(
+            &e,
+            &s,
+            None,
+            &[],
+            &live(now, Some(now - 2 * MICROS_PER_HOUR)),
+        );
+        assert_eq!(find(&c, "event_time_lag").status, Status::Warn);
+        assert!(find(&c, "event_time_lag")
+            .reason
+            .starts_with("newest event is 2.0 h"));
+        assert_eq!(find(&c, "exposure").status, Status::Warn);
+        assert_eq!(find(&c, "unenrollment").status, Status::Warn); // 23 of 200
+        assert_eq!(find(&c, "sample_ratio").status, Status::Warn); // not computed
+        let c = checks(
+            &e,
+            &s,
+            None,
+            &[],
+            &live(now, Some(now - 30 * MICROS_PER_HOUR)),
+        );
+        assert_eq!(find(&c, "event_time_lag").status, Status::Alert);
+        let c = checks(&e, &s, None, &[], &live(now, None));
+        assert_eq!(find(&c, "event_time_lag").status, Status::Warn);
+        // After the end date, lag no longer matters.
+        let later = micros("2026-12-01", 0);
+        let c = checks(&e, &s, None, &[], &live(later, Some(now)));
+        assert_eq!(find(&c, "event_time_lag").status, Status::Ok);
+    }
+
+    #[test]
+    fn window_phases_follow_records_and_watermark() {
+        let e = exp();
+        // Weeks 1 and 2 complete at 2026-11-14 and 2026-11-21 (last enrollment 11-07).
+        let mut published = BTreeMap::new();
+        published.insert(
+            "statistics_h_week_1".to_string(),
+            PublishedRecord {
+                rows: 10,
+                published_at: micros("2026-11-15", 1),
+                late_events: 2,
+                ..Default::default()
+            },
+        );
+        let wm = Some(Timestamp(micros("2026-11-16", 0)));
+        let w = window_states(&e, &published, wm);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].state, WindowPhase::Dirty);
+        assert_eq!(w[0].published_at.as_deref(), Some("2026-11-15T01:00:00Z"));
+        assert_eq!(w[1].state, WindowPhase::Open);
+        assert_eq!(w[1].complete_at, "2026-11-21T00:00:00Z");
+        let w = window_states(&e, &published, Some(Timestamp(micros("2026-11-21", 0))));
+        assert_eq!(w[1].state, WindowPhase::Complete);
+        published.insert(
+            "statistics_h_week_2".to_string(),
+            PublishedRecord {
+                failures: 1,
+                last_error: Some("permanent error publishing x: denied".into()),
+                permanent: true,
+                ..Default::default()
+            },
+        );
+        let w = window_states(&e, &published, None);
+        assert_eq!(w[1].state, WindowPhase::Failed);
+        let c = windows_check(&w);
+        assert_eq!(c.status, Status::Alert);
+        assert_eq!(
+            c.reason,
+            "0 published, 1 dirty, 0 complete awaiting publication, 0 open, 1 failed; statistics_h_week_2 failed: permanent error publishing x: denied"
+        );
+    }
+
+    #[test]
+    fn watermark_is_the_oldest_partition_minus_lateness() {
+        let t = EventTimes(vec![
+            ("a".into(), 0, 10 * MICROS_PER_HOUR),
+            ("a".into(), 1, 30 * MICROS_PER_HOUR),
+            ("b".into(), 0, i64::MIN),
+        ]);
+        assert_eq!(t.newest(), Some(Timestamp(30 * MICROS_PER_HOUR)));
+        assert_eq!(t.watermark(2), Some(Timestamp(8 * MICROS_PER_HOUR)));
+        assert_eq!(EventTimes::default().watermark(2), None);
+    }
+
+    #[test]
+    fn pipeline_metrics_turn_running_totals_into_increments() {
+        let m = PipelineMetrics::new();
+        let mut rejected = [0u64; RejectReason::ALL.len()];
+        rejected[0] = 2;
+        m.record_flush(10, &rejected, std::time::Duration::from_millis(3));
+        rejected[0] = 5;
+        m.record_flush(25, &rejected, std::time::Duration::from_millis(3));
+        assert_eq!(m.events_folded.get(), 25);
+        let r = RejectReason::ALL[0].as_str();
+        assert_eq!(m.events_rejected.with_label_values(&[r]).get(), 5);
+        assert_eq!(m.batch_commit_seconds.get_sample_count(), 2);
+    }
+
+    #[test]
+    fn periods_parse_by_view_or_table_name() {
+        assert_eq!(parse_period("weekly"), Some(Period::Week));
+        assert_eq!(parse_period("week"), Some(Period::Week));
+        assert_eq!(parse_period("overall"), Some(Period::Overall));
+        assert_eq!(parse_period("monthly"), None);
+    }
+}

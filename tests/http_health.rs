@@ -1,0 +1,552 @@
+//! Experiment health, published statistics and the bearer token, against the real server
+//! over a generated and replayed experiment.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use serde_json::Value;
+
+/// A running `slipstream serve`; killed on drop.
+struct Server {
+    child: Child,
+    base: String,
+    token: Option<String>,
+}
+
+impl Server {
+    fn start(cfg: &Path, state: &Path, token: Option<&str>) -> Server {
+        let mut cmd = Command::new(bin());
+        cmd.args([
+            "serve",
+            "--config",
+            p(cfg),
+            "--data-dir",
+            p(state),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("SLIPSTREAM_TOKEN")
+        .stderr(Stdio::piped());
+        if let Some(t) = token {
+            cmd.env("SLIPSTREAM_TOKEN", t);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let base = loop {
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .unwrap();
+            if let Some(addr) = line.strip_prefix("serving on ") {
+                break addr.trim().to_string();
+            }
+        };
+        Server {
+            child,
+            base,
+            token: token.map(String::from),
+        }
+    }
+
+    /// GET with the server's token (if any) unless `anonymous`; (status, body text).
+    fn raw(&self, path: &str, auth: Option<&str>) -> (u16, String) {
+        let mut req = reqwest::blocking::Client::new().get(format!("{}{path}", self.base));
+        if let Some(t) = auth {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let r = req.send().unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        let (status, text) = self.raw(path, self.token.as_deref());
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    fn ok(&self, path: &str) -> Value {
+        let (status, body) = self.get(path);
+        assert_eq!(status, 200, "{path}: {body}");
+        body
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CONFIG: &str = r#"
+[pipeline]
+replicates = 50
+sketch_precision = 10
+
+[[experiment]]
+slug = "health-test"
+branches = ["control", "treatment"]
+enrollment_start = "2026-11-01"
+enrollment_period = 3
+end_date = "2026-11-20"
+"#;
+
+/// Generates and replays an experiment; returns (dir, config, state, out).
+fn replayed() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "c.toml", CONFIG);
+    let events = dir.path().join("events.ndjson");
+    slipstream(&[
+        "generate",
+        "--config",
+        p(&cfg),
+        "--clients",
+        "1500",
+        "--seed",
+        "7",
+        "--out",
+        p(&events),
+    ]);
+    let state = dir.path().join("state");
+    let out = dir.path().join("out");
+    slipstream(&[
+        "replay",
+        "--config",
+        p(&cfg),
+        "--input",
+        p(&events),
+        "--data-dir",
+        p(&state),
+        "--out",
+        p(&out),
+    ]);
+    (dir, cfg, state, out)
+}
+
+/// The pipeline keeps every published statistics table's rows in sled (`S` keys), byte
+/// for byte what the local sink wrote.
+fn assert_statistics_in_state(cfg: &Path, state: &Path, out: &Path) {
+    let config = slipstream::config::load(cfg).unwrap();
+    let store = slipstream::state::Store::open(state, &config).unwrap();
+    let exp = &config.experiments[0];
+    for w in slipstream::window::windows(exp) {
+        let table = w.statistics_table(exp);
+        let key = slipstream::health::statistics_key(&exp.slug, &table);
+        let stored = store.get_raw(&key).unwrap().expect("rows stored in sled");
+        let file = std::fs::read(out.join(format!("{table}.ndjson"))).unwrap();
+        assert_eq!(&stored[..], &file[..], "{table}");
+    }
+}
+
+#[test]
+fn health_reports_enrollment_srm_windows_and_no_client_ids() {
+    let (_dir, cfg, state, out) = replayed();
+    let enrollments = table(&out, "enrollments_health_test");
+    let mut per_branch: BTreeMap<String, u64> = BTreeMap::new();
+    let mut per_day: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for r in &enrollments {
+        let b = r["branch"].as_str().unwrap().to_string();
+        *per_branch.entry(b.clone()).or_default() += 1;
+        *per_day
+            .entry((r["enrollment_date"].as_str().unwrap().to_string(), b))
+            .or_default() += 1;
+    }
+    let server = Server::start(&cfg, &state, None);
+    let (status, text) = server.raw("/v1/experiments/health-test/health", None);
+    assert_eq!(status, 200, "{text}");
+    // Aggregates only: no generated client id (c-0000123) appears anywhere.
+    assert!(!text.contains("\"c-0"), "a client id leaked: {text}");
+    let h: Value = serde_json::from_str(&text).unwrap();
+
+    let branches = h["branches"].as_array().unwrap();
+    assert_eq!(branches.len(), 2);
+    for b in branches {
+        let name = b["branch"].as_str().unwrap();
+        assert_eq!(b["enrolled"].as_u64().unwrap(), per_branch[name], "{name}");
+        let rate = b["exposure_rate"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&rate));
+        assert_eq!(b["expected_share"], 0.5);
+    }
+    let total: u64 = per_branch.values().sum();
+    assert_eq!(h["enrolled_total"].as_u64().unwrap(), total);
+    for d in h["enrollment_by_day"].as_array().unwrap() {
+        let date = d["date"].as_str().unwrap().to_string();
+        for (i, name) in ["control", "treatment"].iter().enumerate() {
+            let expected = per_day
+                .get(&(date.clone(), name.to_string()))
+                .copied()
+                .unwrap_or(0);
+            assert_eq!(
+                d["enrolled"][i].as_u64().unwrap(),
+                expected,
+                "{date} {name}"
+            );
+        }
+    }
+    assert_eq!(h["enrollment_by_day"].as_array().unwrap().len(), 3);
+
+    // SRM: the same chi-square as computed here from the published enrollments table.
+    let observed = [per_branch["control"], per_branch["treatment"]];
+    let srm = slipstream::stats::srm::sample_ratio_mismatch(&observed, &[1.0, 1.0]).unwrap();
+    assert!((h["srm"]["p_value"].as_f64().unwrap() - srm.p_value).abs() < 1e-12);
+    assert_eq!(h["srm"]["mismatch"], srm.p_value < 0.001);
+    assert_eq!(h["srm"]["threshold"], 0.001);
+
+    // Every window is reported; the replay ran to the end, so each complete one is published.
+    let windows = h["windows"].as_array().unwrap();
+    assert!(!windows.is_empty());
+    for w in windows {
+        assert_eq!(w["state"], "published", "{w}");
+        assert!(w["published_at"].is_string());
+        assert!(w["table"]
+            .as_str()
+            .unwrap()
+            .starts_with("statistics_health_test_"));
+    }
+    assert!(h["last_published_at"].is_string());
+
+    // Each check has a status and a one-line reason; the overall status is the worst.
+    let rank = |s: &str| {
+        ["ok", "warn", "alert"]
+            .iter()
+            .position(|x| *x == s)
+            .unwrap()
+    };
+    let checks = h["checks"].as_array().unwrap();
+    let names: Vec<&str> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    for n in [
+        "enrollment",
+        "sample_ratio",
+        "exposure",
+        "unenrollment",
+        "windows",
+        "event_time_lag",
+    ] {
+        assert!(names.contains(&n), "missing check {n}: {names:?}");
+    }
+    let worst = checks
+        .iter()
+        .map(|c| {
+            let r = c["reason"].as_str().unwrap();
+            assert!(!r.is_empty() && !r.contains('\n'));
+            rank(c["status"].as_str().unwrap())
+        })
+        .max()
+        .unwrap();
+    assert_eq!(rank(h["status"].as_str().unwrap()), worst);
+    // The replayed file's newest event is known; the experiment has ended, so lag is fine.
+    assert!(h["newest_event_time"]
+        .as_str()
+        .unwrap()
+        .starts_with("2026-11-"));
+    assert!(h["event_time_lag_seconds"].as_f64().unwrap() > 0.0);
+    let lag = checks
+        .iter()
+        .find(|c| c["name"] == "event_time_lag")
+        .unwrap();
+    assert_eq!(lag["status"], "ok", "{lag}");
+    let dau = h["dau"].as_array().unwrap();
+    assert_eq!(dau.len(), 2);
+    assert!(
+        dau.iter().any(|d| d["estimate"].as_f64().unwrap() > 0.0),
+        "{dau:?}"
+    );
+    let windows_check = checks.iter().find(|c| c["name"] == "windows").unwrap();
+    assert_eq!(windows_check["status"], "ok", "{windows_check}");
+
+    // The list carries a summary per experiment.
+    let list = server.ok("/v1/experiments");
+    let e = &list["experiments"][0];
+    assert_eq!(e["slug"], "health-test");
+    assert_eq!(e["health"]["enrolled_total"].as_u64().unwrap(), total);
+    assert_eq!(e["health"]["status"], h["status"]);
+
+    let (status, body) = server.get("/v1/experiments/nope/health");
+    assert_eq!(status, 404);
+    assert!(body["error"].as_str().unwrap().contains("not configured"));
+}
+
+#[test]
+fn statistics_serve_the_published_rows_like_the_view() {
+    let (_dir, cfg, state, out) = replayed();
+    assert_statistics_in_state(&cfg, &state, &out);
+    let server = Server::start(&cfg, &state, None);
+    let view = table(&out, "statistics_health_test_weekly");
+    assert!(!view.is_empty());
+    let body = server.ok("/v1/experiments/health-test/statistics?period=weekly");
+    assert_eq!(body["rows"].as_array().unwrap(), &view);
+
+    // Filters select exactly the view's matching rows.
+    let body = server
+        .ok("/v1/experiments/health-test/statistics?period=weekly&metric=active_hours&segment=all");
+    let expected: Vec<&Value> = view
+        .iter()
+        .filter(|r| r["metric"] == "active_hours" && r["segment"] == "all")
+        .collect();
+    assert!(!expected.is_empty());
+    let got: Vec<&Value> = body["rows"].as_array().unwrap().iter().collect();
+    assert_eq!(got, expected);
+    assert_eq!(body["filters"]["metric"], "active_hours");
+
+    // The BigQuery example query's shape, answered over HTTP.
+    let body = server.ok("/v1/experiments/health-test/statistics?period=weekly&metric=active_hours&statistic=mean&comparison=difference&branch=treatment&segment=all");
+    let rows = body["rows"].as_array().unwrap();
+    assert!(!rows.is_empty());
+    for r in rows {
+        assert_eq!(r["comparison_to_branch"], "control");
+        assert!(r["window_index"].as_u64().unwrap() >= 1);
+        assert!(r["lower"].as_f64().unwrap() <= r["upper"].as_f64().unwrap());
+        assert!(r.get("client_id").is_none());
+    }
+
+    for (path, needle) in [
+        (
+            "/v1/experiments/health-test/statistics",
+            "`period` is missing",
+        ),
+        (
+            "/v1/experiments/health-test/statistics?period=monthly",
+            "\"monthly\"",
+        ),
+        (
+            "/v1/experiments/health-test/statistics?period=weekly&planet=mars",
+            "`planet`",
+        ),
+        (
+            "/v1/experiments/nope/statistics?period=weekly",
+            "not configured",
+        ),
+    ] {
+        let (status, body) = server.get(path);
+        assert!(status == 400 || status == 404, "{path}: {status}");
+        assert!(
+            body["error"].as_str().unwrap_or("").contains(needle),
+            "{path}: {body}"
+        );
+    }
+}
+
+/// `name{labels} value` lines of a Prometheus text exposition.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_expose_state_counters_in_prometheus_text() {
+    let (_dir, cfg, state, _out) = replayed();
+    let rejects = {
+        let config = slipstream::config::load(&cfg).unwrap();
+        let store = slipstream::state::Store::open(&state, &config).unwrap();
+        store.rejects().unwrap()
+    };
+    assert!(
+        !rejects.is_empty(),
+        "the generator writes some malformed lines"
+    );
+    let server = Server::start(&cfg, &state, None);
+    let r = reqwest::blocking::get(format!("{}/metrics", server.base)).unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let ctype = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ctype.starts_with("text/plain"), "{ctype}");
+    let text = r.text().unwrap();
+    assert!(text.contains("# TYPE slipstream_rejected_events_stored_total counter"));
+    let m = samples(&text);
+    for (reason, n) in rejects {
+        let key = format!(
+            "slipstream_rejected_events_stored_total{{reason=\"{}\"}}",
+            reason.as_str()
+        );
+        assert_eq!(m.get(&key), Some(&(n as f64)), "{key}\n{text}");
+    }
+    let windows = server.ok("/v1/experiments/health-test/health")["windows"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(
+        m[r#"slipstream_windows{experiment="health-test",state="published"}"#],
+        windows as f64
+    );
+    assert_eq!(
+        m[r#"slipstream_windows{experiment="health-test",state="failed"}"#],
+        0.0
+    );
+    // Each window publishes aggregates and statistics tables, plus the enrollments table.
+    assert!(m[r#"slipstream_published_tables{experiment="health-test"}"#] > windows as f64);
+    assert!(m["slipstream_sketches"] > 0.0);
+    assert!(m["slipstream_state_size_bytes"] > 0.0);
+    assert_eq!(m["slipstream_ready"], 1.0);
+    assert!(!text.contains("c-0"), "no client id in metrics");
+}
+
+#[test]
+fn a_token_protects_everything_but_healthz() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "c.toml", CONFIG);
+    let events = write(dir.path(), "e.ndjson", "");
+    let state = dir.path().join("state");
+    slipstream(&[
+        "replay",
+        "--config",
+        p(&cfg),
+        "--input",
+        p(&events),
+        "--data-dir",
+        p(&state),
+        "--out",
+        p(&dir.path().join("out")),
+    ]);
+    let token = "s3cret-token-value";
+    let server = Server::start(&cfg, &state, Some(token));
+    // The probes stay open: a kubelet cannot send a secret, and they reveal nothing.
+    assert_eq!(server.raw("/healthz", None).0, 200);
+    assert_eq!(server.raw("/readyz", None).0, 200);
+    for path in [
+        "/metrics",
+        "/v1/experiments",
+        "/v1/dau?date=2026-11-02",
+        "/v1/experiments/health-test/health",
+        "/v1/experiments/health-test/statistics?period=weekly",
+        "/",
+        "/experiments/health-test",
+        "/no-such-endpoint",
+    ] {
+        let (status, text) = server.raw(path, None);
+        assert_eq!(status, 401, "{path} without a token: {text}");
+        assert!(text.contains("bearer token"), "{path}: {text}");
+        assert_eq!(
+            server.raw(path, Some("s3cret-token-valuX")).0,
+            401,
+            "{path}"
+        );
+        assert_eq!(server.raw(path, Some("short")).0, 401, "{path}");
+    }
+    assert_eq!(server.raw("/v1/experiments", Some(token)).0, 200);
+    assert_eq!(server.raw("/readyz", Some(token)).0, 200);
+    assert_eq!(
+        server
+            .raw("/v1/experiments/health-test/health", Some(token))
+            .0,
+        200
+    );
+    // Without the variable the server is open (it binds loopback by default).
+    drop(server);
+    let open = Server::start(&cfg, &state, None);
+    assert_eq!(open.raw("/v1/experiments", None).0, 200);
+}
+
+/// `run --listen` exposes the running pipeline's counters next to the stored ones.
+#[test]
+fn run_exposes_pipeline_counters_at_metrics_while_consuming() {
+    use common::broker::Broker;
+    let broker = Broker::shared();
+    let name = "metrics-run";
+    for t in ["enr", "tel"] {
+        broker.create_topic(&format!("{name}-{t}"), 2);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        &format!(
+            "{CONFIG}\n[pipeline.kafka]\nenrollments_topic = \"{name}-enr\"\ntelemetry_topic = \"{name}-tel\"\ngroup_id = \"{name}-group\"\n"
+        )
+        .replacen("sketch_precision = 10", "sketch_precision = 10\nbatch_millis = 200", 1),
+    );
+    let events = dir.path().join("events.ndjson");
+    slipstream(&[
+        "generate",
+        "--config",
+        p(&cfg),
+        "--clients",
+        "300",
+        "--seed",
+        "9",
+        "--out",
+        p(&events),
+    ]);
+    slipstream(&[
+        "produce",
+        "--brokers",
+        &broker.addr,
+        "--input",
+        p(&events),
+        "--config",
+        p(&cfg),
+    ]);
+    let state = dir.path().join("state");
+    let mut child = Command::new(bin())
+        .args([
+            "run",
+            "--config",
+            p(&cfg),
+            "--brokers",
+            &broker.addr,
+            "--data-dir",
+            p(&state),
+            "--out",
+            p(&dir.path().join("out")),
+            "--idle-exit-secs",
+            "20",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("SLIPSTREAM_LOG", "warn")
+        .env_remove("SLIPSTREAM_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = loop {
+        let line = lines.next().expect("run exited before listening").unwrap();
+        if let Some(addr) = line.strip_prefix("serving on ") {
+            break addr.trim().to_string();
+        }
+    };
+    // Keep draining stderr so that the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let m = loop {
+        let m = reqwest::blocking::get(format!("{base}/metrics"))
+            .ok()
+            .and_then(|r| r.text().ok())
+            .map(|t| samples(&t))
+            .unwrap_or_default();
+        if m.get("slipstream_tables_published_total")
+            .copied()
+            .unwrap_or(0.0)
+            > 0.0
+        {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing published within 60 s: {m:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(m["slipstream_events_folded_total"] > 1000.0, "{m:?}");
+    assert!(m["slipstream_batch_commit_seconds_count"] >= 1.0, "{m:?}");
+    assert!(m["slipstream_publish_attempts_total"] >= m["slipstream_tables_published_total"]);
+    assert_eq!(m["slipstream_ready"], 1.0);
+    assert!(m
+        .keys()
+        .any(|k| k.starts_with("slipstream_rejected_events_stored_total")));
+}

@@ -1,0 +1,211 @@
+//! The results page in a real headless Chromium: the page of a replayed experiment has its
+//! charts with the right number of series; a screenshot is kept under target/ as an artifact.
+//!
+//! Needs the Debian `chromium` package; without it the browser part is skipped with a
+//! message (set SLIPSTREAM_REQUIRE_CHROMIUM=1 to make that a failure, as CI should).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(cfg: &Path, state: &Path) -> Server {
+        let mut child = Command::new(bin())
+            .args([
+                "serve",
+                "--config",
+                p(cfg),
+                "--data-dir",
+                p(state),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .env_remove("SLIPSTREAM_TOKEN")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let base = loop {
+            let line = lines.next().expect("server exited").unwrap();
+            if let Some(addr) = line.strip_prefix("serving on ") {
+                break addr.trim().to_string();
+            }
+        };
+        Server { child, base }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CONFIG: &str = r#"
+[pipeline]
+replicates = 50
+sketch_precision = 10
+
+[[experiment]]
+slug = "page-test"
+branches = ["control", "treatment"]
+enrollment_start = "2026-11-01"
+enrollment_period = 3
+end_date = "2026-11-20"
+"#;
+
+/// Headless Chromium with everything that would reach the network turned off.
+fn chromium(args: &[&str]) -> Option<std::process::Output> {
+    let profile = tempfile::tempdir().unwrap();
+    let profile_arg = format!("--user-data-dir={}", profile.path().display());
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            &profile_arg,
+        ])
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    Some(out)
+}
+
+/// (data-chart, data-series, number of `<g class="series">`) per chart in a DOM dump.
+fn charts(dom: &str) -> Vec<(String, usize, usize)> {
+    let attr = |s: &str, name: &str| -> String {
+        let k = format!("{name}=\"");
+        let i = s.find(&k).unwrap() + k.len();
+        s[i..i + s[i..].find('"').unwrap()].to_string()
+    };
+    dom.split("<svg ")
+        .skip(1)
+        .filter(|s| s.starts_with("class=\"chart\""))
+        .map(|s| {
+            let body = &s[..s.find("</svg>").unwrap()];
+            (
+                attr(body, "data-chart"),
+                attr(body, "data-series").parse().unwrap(),
+                body.matches("<g class=\"series\"").count(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_results_page_draws_every_chart_in_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "c.toml", CONFIG);
+    let events = dir.path().join("events.ndjson");
+    slipstream(&[
+        "generate",
+        "--config",
+        p(&cfg),
+        "--clients",
+        "1500",
+        "--seed",
+        "11",
+        "--out",
+        p(&events),
+    ]);
+    let state = dir.path().join("state");
+    let out = dir.path().join("out");
+    slipstream(&[
+        "replay",
+        "--config",
+        p(&cfg),
+        "--input",
+        p(&events),
+        "--data-dir",
+        p(&state),
+        "--out",
+        p(&out),
+    ]);
+    // Metrics charted: those with a mean or binomial statistic in the weekly view.
+    let view = table(&out, "statistics_page_test_weekly");
+    let mut metrics: Vec<String> = view
+        .iter()
+        .filter(|r| r["statistic"] == "mean" || r["statistic"] == "binomial")
+        .map(|r| r["metric"].as_str().unwrap().to_string())
+        .collect();
+    metrics.sort();
+    metrics.dedup();
+    assert!(metrics.len() >= 3, "{metrics:?}");
+
+    let server = Server::start(&cfg, &state);
+    let index = reqwest::blocking::get(format!("{}/", server.base))
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(index.contains("href=\"/experiments/page-test\""), "{index}");
+    let url = format!("{}/experiments/page-test", server.base);
+    let html = reqwest::blocking::get(&url).unwrap();
+    assert_eq!(html.status().as_u16(), 200);
+    let html = html.text().unwrap();
+    assert!(!html.contains("c-0"), "no client id on the page");
+    assert!(
+        !html.contains("http://") || !html.contains("<script"),
+        "no external resources"
+    );
+
+    let Some(dump) = chromium(&["--dump-dom", &url]).filter(|o| o.status.success()) else {
+        assert!(
+            std::env::var_os("SLIPSTREAM_REQUIRE_CHROMIUM").is_none(),
+            "chromium is required but could not run"
+        );
+        eprintln!(
+            "SKIPPED the browser part: `chromium` is not installed (apt-get install chromium)"
+        );
+        return;
+    };
+    let dom = String::from_utf8(dump.stdout).unwrap();
+    let found = charts(&dom);
+    let expect = |id: &str, series: usize| {
+        let c = found
+            .iter()
+            .find(|c| c.0 == id)
+            .unwrap_or_else(|| panic!("chart {id} missing; charts: {found:?}"));
+        assert_eq!((c.1, c.2), (series, series), "chart {id}");
+    };
+    for m in &metrics {
+        expect(&format!("metric-{m}"), 2); // control and treatment
+        expect(&format!("uplift-{m}"), 1); // treatment vs control
+    }
+    expect("enrollment", 2);
+    expect("dau", 2);
+    assert_eq!(found.len(), 2 * metrics.len() + 2, "{found:?}");
+    assert!(dom.contains("id=\"srm\""));
+    // Every series has points: a weekly window per metric, a day per enrollment/DAU chart.
+    for part in dom.split("<g class=\"series\"").skip(1) {
+        let g = &part[..part.find("</g>").unwrap()];
+        assert!(g.contains("<circle"), "an empty series: {g}");
+    }
+
+    let shot: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join("results_page.png");
+    let _ = std::fs::remove_file(&shot);
+    let arg = format!("--screenshot={}", shot.display());
+    let o = chromium(&[&arg, "--window-size=1400,2400", "--hide-scrollbars", &url]).unwrap();
+    assert!(o.status.success());
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    eprintln!("screenshot: {}", shot.display());
+}
