@@ -71,6 +71,8 @@ pub struct PipelineConfig {
     pub sketch_precision: u8,
     /// Longest date range one HTTP query may span.
     pub max_query_days: u32,
+    /// `POST /v1/experiments/{slug}/finalize` runs at most once per experiment this often.
+    pub finalize_min_interval_secs: u64,
     /// Where the capped mean's cap comes from: re-estimated per bootstrap replicate
     /// (calibrated intervals, the default) or once per branch (Jetstream's definition).
     pub mean_cap: crate::stats::CapMode,
@@ -118,6 +120,7 @@ impl Default for PipelineConfig {
             mean_cap: crate::stats::CapMode::PerReplicate,
             sketch_precision: 12,
             max_query_days: 366,
+            finalize_min_interval_secs: 60,
             kafka: KafkaConfig::default(),
             bigquery: None,
         }

@@ -30,18 +30,23 @@ impl Status {
 }
 
 /// Publishes everything the calendar says is complete by the end of `date` and everything
-/// dirty, then returns (and stores) one status per experiment.
+/// dirty (of experiment `only`, or of all), then returns (and stores) one status per
+/// experiment.
 pub fn finalize(
     pipeline: &mut Pipeline,
     date: NaiveDate,
+    only: Option<usize>,
 ) -> Result<(Vec<Status>, PublishReport), StateError> {
     let calendar = Timestamp::from_day(Day::from_date(date).plus(1));
     // Every partition is treated as idle: the newest event time seen counts too.
     let stream = pipeline.fold.watermark(Some(std::time::Duration::ZERO));
     let watermark = stream.map_or(calendar, |s| s.max(calendar));
-    let report = pipeline.flush_and_publish(Some(watermark), true)?;
+    let report = pipeline.flush_and_publish_only(Some(watermark), true, only)?;
     let mut statuses = Vec::new();
     for (x, exp) in pipeline.fold.config().experiments.iter().enumerate() {
+        if only.is_some_and(|o| o != x) {
+            continue;
+        }
         let published = pipeline.fold.published(Some(x));
         let mut due_tables: Vec<String> = window::windows(exp)
             .iter()

@@ -38,6 +38,18 @@ pub struct Api {
     pub token: Option<String>,
     /// The running pipeline's counters, for `/metrics` (None under `serve`).
     pub pipeline: Option<Arc<health::PipelineMetrics>>,
+    /// Where `POST /v1/experiments/{slug}/finalize` sends its request: the loop that owns
+    /// the pipeline (set by `run --listen`; under `serve` the route answers 409).
+    pub finalize: std::sync::OnceLock<tokio::sync::mpsc::Sender<FinalizeRequest>>,
+    /// When each experiment was last finalized over HTTP (rate limit).
+    finalize_calls: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+/// A request to the process holding the state to run `finalize` for one experiment.
+pub struct FinalizeRequest {
+    pub slug: String,
+    pub date: NaiveDate,
+    pub reply: tokio::sync::oneshot::Sender<Result<crate::finalize::Status, String>>,
 }
 
 impl Api {
@@ -67,6 +79,8 @@ impl Api {
             ready: Arc::new(AtomicBool::new(false)),
             token: std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()),
             pipeline,
+            finalize: std::sync::OnceLock::new(),
+            finalize_calls: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -148,6 +162,10 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/experiments", get(experiments))
         .route("/v1/experiments/{slug}/dau", get(experiment_dau))
         .route("/v1/experiments/{slug}/health", get(experiment_health))
+        .route(
+            "/v1/experiments/{slug}/finalize",
+            axum::routing::post(trigger_finalize),
+        )
         .route(
             "/v1/experiments/{slug}/statistics",
             get(experiment_statistics),
@@ -719,4 +737,78 @@ async fn experiment_page(
         )))
     })
     .await
+}
+
+/// `POST /v1/experiments/{slug}/finalize[?date=YYYY-MM-DD]`: finalize one experiment now
+/// (default date: yesterday, UTC), for data that lands at irregular times. The request
+/// goes to the consume loop, which owns the pipeline, so only one process opens the state.
+async fn trigger_finalize(
+    State(api): State<Arc<Api>>,
+    Path(slug): Path<String>,
+    QueryParams(params): Params,
+) -> Response {
+    match finalize_now(&api, slug, &params).await {
+        Ok(body) => Json(body).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn finalize_now(
+    api: &Api,
+    slug: String,
+    params: &BTreeMap<String, String>,
+) -> Result<Value, ApiError> {
+    api.experiment(&slug)?;
+    if let Some(k) = params.keys().find(|k| k.as_str() != "date") {
+        return Err(ApiError::bad(format!(
+            "unknown parameter `{k}`; expected only `date`"
+        )));
+    }
+    let date = match params.get("date") {
+        Some(d) => parse_date("date", d)?,
+        None => chrono::Utc::now().date_naive() - chrono::Days::new(1),
+    };
+    let Some(tx) = api.finalize.get() else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "finalize over HTTP needs the process that holds the state (`slipstream run --listen`); this server only reads it: stop it and run `slipstream finalize`".into(),
+        ));
+    };
+    let min = std::time::Duration::from_secs(api.cfg.pipeline.finalize_min_interval_secs);
+    {
+        let mut calls = api.finalize_calls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(last) = calls.get(&slug).filter(|t| t.elapsed() < min) {
+            return Err(ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("`{slug}` was finalized {}s ago; at most once every {}s (pipeline.finalize_min_interval_secs)", last.elapsed().as_secs(), min.as_secs()),
+            ));
+        }
+        calls.insert(slug.clone(), std::time::Instant::now());
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let unavailable = || {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the pipeline is shutting down; try again".into(),
+        )
+    };
+    tx.send(FinalizeRequest {
+        slug: slug.clone(),
+        date,
+        reply,
+    })
+    .await
+    .map_err(|_| unavailable())?;
+    let status = answer
+        .await
+        .map_err(|_| unavailable())?
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let body = json!({ "experiment": slug, "date": date.to_string(), "status": status.status });
+    if status.failed() {
+        return Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("finalize of `{slug}` for {date}: {}", status.status),
+        ));
+    }
+    Ok(body)
 }

@@ -351,7 +351,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut pipeline = Pipeline::new(fold, sink);
             let date =
                 date.unwrap_or_else(|| chrono::Utc::now().date_naive() - chrono::Days::new(1));
-            let (statuses, report) = slipstream::finalize::finalize(&mut pipeline, date)?;
+            let (statuses, report) = slipstream::finalize::finalize(&mut pipeline, date, None)?;
             for s in &statuses {
                 println!("{} {}: {}", s.date, s.slug, s.status);
             }
@@ -392,7 +392,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             let mut pipeline = Pipeline::new(fold, sink);
             let s = ingest::file::replay(&mut pipeline, &input)?;
-            let (statuses, report) = slipstream::finalize::finalize(&mut pipeline, to)?;
+            let (statuses, report) = slipstream::finalize::finalize(&mut pipeline, to, None)?;
             println!(
                 "backfilled {} lines from {} ({} folded, {} outside {from}..{to}, {} rejected); published {} tables ({} rows) to {}",
                 s.lines,
@@ -454,7 +454,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .build()?;
             let mut opts = ingest::stream::RunOptions {
                 idle_exit: idle_exit_secs.map(std::time::Duration::from_secs),
-                ready: None,
+                ..Default::default()
             };
             let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
             let server = match listen {
@@ -465,6 +465,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         pipeline.metrics.clone(),
                     );
                     opts.ready = Some(api.ready.clone());
+                    let (finalize_tx, finalize_rx) = tokio::sync::mpsc::channel(4);
+                    let _ = api.finalize.set(finalize_tx);
+                    opts.finalize = Some(finalize_rx);
                     let listener = rt
                         .block_on(tokio::net::TcpListener::bind(&addr))
                         .with_context(|| format!("cannot listen on {addr}"))?;
@@ -478,7 +481,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let s = rt.block_on(ingest::stream::run(
                 &mut pipeline,
                 &brokers,
-                &opts,
+                &mut opts,
                 shutdown_signal(),
             ))?;
             let _ = stop_http.send(());

@@ -123,6 +123,17 @@ impl Pipeline {
         watermark: Option<Timestamp>,
         force: bool,
     ) -> Result<PublishReport, StateError> {
+        self.flush_and_publish_only(watermark, force, None)
+    }
+
+    /// [`Pipeline::flush_and_publish`] for one experiment only (`Some(x)`: its tables,
+    /// not the activity sketches), or for everything (`None`).
+    pub fn flush_and_publish_only(
+        &mut self,
+        watermark: Option<Timestamp>,
+        force: bool,
+        only: Option<usize>,
+    ) -> Result<PublishReport, StateError> {
         let started = Instant::now();
         self.fold.flush()?;
         let took = started.elapsed();
@@ -135,6 +146,9 @@ impl Pipeline {
             return Ok(report); // the sink is down: keep folding, publish later
         }
         for x in 0..self.fold.config().experiments.len() {
+            if only.is_some_and(|o| o != x) {
+                continue;
+            }
             let due = self.due(x, watermark, force);
             if due.windows.is_empty() && !due.enrollments {
                 continue;
@@ -161,7 +175,9 @@ impl Pipeline {
                 }
             }
         }
-        self.publish_sketch_days(watermark, force, &mut report)?;
+        if only.is_none() {
+            self.publish_sketch_days(watermark, force, &mut report)?;
+        }
         Ok(report)
     }
 

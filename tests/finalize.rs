@@ -319,3 +319,124 @@ fn backfill_after_adding_a_metric_equals_a_fresh_run_with_it() {
     ]);
     assert!(!ok);
 }
+
+/// `POST /v1/experiments/{slug}/finalize` on a running `run --listen`: the consume loop
+/// finalizes that experiment; a second call within the interval gets 429; `serve` has no
+/// pipeline and answers 409.
+#[test]
+fn finalize_over_http_while_running() {
+    use std::io::{BufRead, BufReader};
+    let broker = common::broker::Broker::shared();
+    for t in ["fin-enr", "fin-tel"] {
+        broker.create_topic(t, 2);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        &CONFIG.replace(
+            "republish_threshold = 0.5",
+            "republish_threshold = 0.5\nfinalize_min_interval_secs = 2\n[pipeline.kafka]\nenrollments_topic = \"fin-enr\"\ntelemetry_topic = \"fin-tel\"\ngroup_id = \"fin-group\"",
+        ),
+    );
+    let input = write(dir.path(), "events.ndjson", EVENTS);
+    slipstream(&[
+        "produce",
+        "--brokers",
+        &broker.addr,
+        "--input",
+        p(&input),
+        "--config",
+        p(&cfg),
+    ]);
+    let (state, out) = (dir.path().join("state"), dir.path().join("out"));
+    let mut child = Command::new(bin())
+        .args([
+            "run",
+            "--config",
+            p(&cfg),
+            "--brokers",
+            &broker.addr,
+            "--data-dir",
+            p(&state),
+            "--out",
+            p(&out),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("SLIPSTREAM_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = loop {
+        let line = lines.next().expect("run exited before listening").unwrap();
+        if let Some(addr) = line.strip_prefix("serving on ") {
+            break addr.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {}); // keep draining stderr
+    let client = reqwest::blocking::Client::new();
+    let post = |path: &str| {
+        let r = client.post(format!("{base}{path}")).send().unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    // Retry until the consumer has read the events and finalize published the overall window.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (status, body) = post("/v1/experiments/fin-test/finalize?date=2026-11-12");
+        let overall = out.join("fin_test_enrollments_overall_1.ndjson");
+        let a_hours = |rows: Vec<serde_json::Value>| {
+            rows.into_iter()
+                .find(|r| r["client_id"] == "A")
+                .map(|r| r["active_hours"].clone())
+        };
+        let done = status == 200
+            && overall.exists()
+            && a_hours(table(&out, "fin_test_enrollments_overall_1"))
+                == Some(serde_json::json!(5.0));
+        if done {
+            assert!(body.contains("\"status\":\"succeeded\""), "{body}");
+            let (again, text) = post("/v1/experiments/fin-test/finalize?date=2026-11-12");
+            assert_eq!(again, 429, "{text}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "finalize over HTTP never published: {status} {body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+    }
+    assert_eq!(post("/v1/experiments/no-such/finalize").0, 404);
+    assert_eq!(post("/v1/experiments/fin-test/finalize?date=soon").0, 400);
+    let _ = Command::new("kill").arg(child.id().to_string()).status(); // SIGTERM: clean stop
+    assert!(child.wait().unwrap().success());
+
+    let mut serve = Command::new(bin())
+        .args([
+            "serve",
+            "--config",
+            p(&cfg),
+            "--data-dir",
+            p(&state),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(serve.stderr.take().unwrap()).lines();
+    let base = loop {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(addr) = line.strip_prefix("serving on ") {
+            break addr.trim().to_string();
+        }
+    };
+    let r = reqwest::blocking::Client::new()
+        .post(format!("{base}/v1/experiments/fin-test/finalize"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    let _ = serve.kill();
+    let _ = serve.wait();
+}

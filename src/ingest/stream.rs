@@ -63,13 +63,15 @@ impl OffsetStore for Positions {
     }
 }
 
-/// How a run ends besides a signal.
-#[derive(Debug, Clone, Default)]
+/// How a run ends besides a signal, and what it serves on the side.
+#[derive(Default)]
 pub struct RunOptions {
     /// Stop after this long without a message (for batch-like use and tests).
     pub idle_exit: Option<Duration>,
     /// Raised once the consumer owns partitions (the HTTP `/readyz`).
     pub ready: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Finalize requests from the HTTP API (`POST /v1/experiments/{slug}/finalize`).
+    pub finalize: Option<tokio::sync::mpsc::Receiver<crate::http::FinalizeRequest>>,
 }
 
 /// Totals of a run, printed at exit.
@@ -83,7 +85,7 @@ pub struct RunSummary {
 pub async fn run(
     pipeline: &mut Pipeline,
     brokers: &str,
-    opts: &RunOptions,
+    opts: &mut RunOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<RunSummary> {
     let cfg = pipeline.fold.config().clone();
@@ -125,8 +127,20 @@ pub async fn run(
             .batch_events
             .saturating_sub(pipeline.fold.pending_events())
             .max(1);
+        let mut finalize_requests = opts.finalize.take();
         let polled = tokio::select! {
             _ = &mut shutdown => None,
+            Some(req) = next_request(&mut finalize_requests) => {
+                opts.finalize = finalize_requests;
+                let answer = match cfg.experiments.iter().position(|e| e.slug == req.slug) {
+                    Some(x) => tokio::task::block_in_place(|| crate::finalize::finalize(pipeline, req.date, Some(x)))
+                        .map(|(mut statuses, _)| statuses.remove(0))
+                        .map_err(|e| e.to_string()),
+                    None => Err(format!("experiment `{}` is not configured", req.slug)),
+                };
+                let _ = req.reply.send(answer);
+                continue;
+            }
             n = source.poll_batch(room, Duration::from_millis(200), |rec| {
                 let (kind, format) = if rec.topic == k.enrollments_topic {
                     (Kind::Enrollment, k.enrollments_format)
@@ -144,6 +158,7 @@ pub async fn run(
                 positions.set(rec.topic, rec.partition, rec.offset + 1);
             }) => Some(n?),
         };
+        opts.finalize = finalize_requests;
         let Some(n) = polled else {
             tracing::info!("shutdown requested: flushing state and offsets");
             break;
@@ -252,4 +267,14 @@ pub async fn run(
     summary.published.absorb(r);
     pipeline.fold.store().flush()?;
     Ok(summary)
+}
+
+/// The next HTTP finalize request, or never when there is no API.
+async fn next_request(
+    rx: &mut Option<tokio::sync::mpsc::Receiver<crate::http::FinalizeRequest>>,
+) -> Option<crate::http::FinalizeRequest> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
