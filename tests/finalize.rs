@@ -325,7 +325,6 @@ fn backfill_after_adding_a_metric_equals_a_fresh_run_with_it() {
 /// pipeline and answers 409.
 #[test]
 fn finalize_over_http_while_running() {
-    use std::io::{BufRead, BufReader};
     let broker = common::broker::Broker::shared();
     for t in ["fin-enr", "fin-tel"] {
         broker.create_topic(t, 2);
@@ -368,13 +367,7 @@ fn finalize_over_http_while_running() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = loop {
-        let line = lines.next().expect("run exited before listening").unwrap();
-        if let Some(addr) = line.strip_prefix("serving on ") {
-            break addr.trim().to_string();
-        }
-    };
+    let (base, lines) = common::server::listening_address(child.stderr.take().unwrap());
     std::thread::spawn(move || for _ in lines {}); // keep draining stderr
     let client = reqwest::blocking::Client::new();
     let post = |path: &str| {
@@ -425,13 +418,7 @@ fn finalize_over_http_while_running() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(serve.stderr.take().unwrap()).lines();
-    let base = loop {
-        let line = lines.next().unwrap().unwrap();
-        if let Some(addr) = line.strip_prefix("serving on ") {
-            break addr.trim().to_string();
-        }
-    };
+    let (base, _) = common::server::listening_address(serve.stderr.take().unwrap());
     let r = reqwest::blocking::Client::new()
         .post(format!("{base}/v1/experiments/fin-test/finalize"))
         .send()

@@ -4,67 +4,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
+use common::server::Server;
 use common::*;
 use serde_json::Value;
 use slipstream::event::{decode_json, Event, Kind};
-
-/// A running `slipstream serve`; killed on drop.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(cfg: &Path, state: &Path) -> Server {
-        let mut child = Command::new(bin())
-            .args([
-                "serve",
-                "--config",
-                p(cfg),
-                "--data-dir",
-                p(state),
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let base = loop {
-            let line = lines
-                .next()
-                .expect("server exited before listening")
-                .unwrap();
-            if let Some(addr) = line.strip_prefix("serving on ") {
-                break addr.trim().to_string();
-            }
-        };
-        Server { child, base }
-    }
-
-    fn get(&self, path: &str) -> (u16, Value) {
-        let r = reqwest::blocking::get(format!("{}{path}", self.base)).unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().unwrap_or(Value::Null))
-    }
-
-    fn ok(&self, path: &str) -> Value {
-        let (status, body) = self.get(path);
-        assert_eq!(status, 200, "{path}: {body}");
-        body
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 const CONFIG: &str = r#"
 [pipeline]
@@ -143,7 +88,7 @@ fn counts_are_accurate_and_survive_a_restart() {
             }
             set.len()
         };
-    let server = Server::start(&cfg, &state);
+    let server = Server::start(&cfg, &state, None);
     let mut zs = Vec::new();
     let mut answers = Vec::new();
     let dates: Vec<chrono::NaiveDate> = (0..20)
@@ -204,7 +149,7 @@ fn counts_are_accurate_and_survive_a_restart() {
 
     // Restart the service over the same state: identical answers.
     drop(server);
-    let server = Server::start(&cfg, &state);
+    let server = Server::start(&cfg, &state, None);
     for (path, before) in &answers {
         assert_eq!(&server.ok(path), before, "{path} changed across a restart");
     }
@@ -237,7 +182,7 @@ fn a_client_counts_once_across_days_and_dimension_values() {
         "--out",
         p(&dir.path().join("out")),
     ]);
-    let s = Server::start(&cfg, &state);
+    let s = Server::start(&cfg, &state, None);
     let est = |path: &str| s.ok(path)["estimate"].as_f64().unwrap();
     assert_eq!(est("/v1/mau?date=2026-11-07"), 2.0);
     assert_eq!(est("/v1/mau?date=2026-11-07&os=Linux"), 1.0);
@@ -317,7 +262,7 @@ fn bad_requests_get_a_400_that_names_the_parameter() {
         "--out",
         p(&dir.path().join("out")),
     ]);
-    let s = Server::start(&cfg, &state);
+    let s = Server::start(&cfg, &state, None);
     for (path, needle) in [
         ("/v1/dau", "expected either"),
         ("/v1/dau?date=2026-02-30", "`date`"),

@@ -6,50 +6,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
+use common::server::Server;
 use common::*;
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(cfg: &Path, state: &Path) -> Server {
-        let mut child = Command::new(bin())
-            .args([
-                "serve",
-                "--config",
-                p(cfg),
-                "--data-dir",
-                p(state),
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .env_remove("SLIPSTREAM_TOKEN")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let base = loop {
-            let line = lines.next().expect("server exited").unwrap();
-            if let Some(addr) = line.strip_prefix("serving on ") {
-                break addr.trim().to_string();
-            }
-        };
-        Server { child, base }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 const CONFIG: &str = r#"
 [pipeline]
@@ -147,7 +108,7 @@ fn the_results_page_draws_every_chart_in_chromium() {
     metrics.dedup();
     assert!(metrics.len() >= 3, "{metrics:?}");
 
-    let server = Server::start(&cfg, &state);
+    let server = Server::start(&cfg, &state, None);
     let index = reqwest::blocking::get(format!("{}/", server.base))
         .unwrap()
         .text()

@@ -65,3 +65,4 @@ pub fn all_tables(dir: &Path) -> std::collections::BTreeMap<String, String> {
 
 pub mod bqemulator;
 pub mod broker;
+pub mod server;
