@@ -192,6 +192,18 @@ fn sink(output: &Output, cfg: &Config) -> anyhow::Result<Box<dyn Sink>> {
     Ok(Box::new(BigQuerySink::new(bq)?))
 }
 
+/// Prints one `DATE SLUG: status` line per experiment; failure if any failed.
+fn print_statuses(statuses: &[slipstream::finalize::Status]) -> ExitCode {
+    for s in statuses {
+        println!("{} {}: {}", s.date, s.slug, s.status);
+    }
+    if statuses.iter().any(|s| s.failed()) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 fn print_rejects(pipeline: &Pipeline) {
     let rejects = pipeline.fold.reject_totals();
     if !rejects.is_empty() {
@@ -352,20 +364,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let date =
                 date.unwrap_or_else(|| chrono::Utc::now().date_naive() - chrono::Days::new(1));
             let (statuses, report) = slipstream::finalize::finalize(&mut pipeline, date, None)?;
-            for s in &statuses {
-                println!("{} {}: {}", s.date, s.slug, s.status);
-            }
+            let code = print_statuses(&statuses);
             println!(
                 "published {} tables ({} rows) to {}",
                 report.tables,
                 report.rows,
                 pipeline.sink_description()
             );
-            Ok(if statuses.iter().any(|s| s.failed()) {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
+            Ok(code)
         }
         Command::Backfill {
             config,
@@ -404,14 +410,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 s.published.rows + report.rows,
                 pipeline.sink_description()
             );
-            for st in &statuses {
-                println!("{} {}: {}", st.date, st.slug, st.status);
-            }
-            Ok(if statuses.iter().any(|s| s.failed()) {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
+            Ok(print_statuses(&statuses))
         }
         Command::Serve {
             config,
