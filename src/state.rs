@@ -186,20 +186,24 @@ pub mod keys {
     pub fn enrollment_prefix(slug: &str) -> Vec<u8> {
         [b"E", slug.as_bytes(), b"\0"].concat()
     }
-    /// Days are stored with the sign bit flipped so negative days sort first.
+    /// A day as 4 bytes with the sign bit flipped, so negative days sort first.
+    fn day_bytes(day: Day) -> [u8; 4] {
+        ((day.0 as u32) ^ 0x8000_0000).to_be_bytes()
+    }
+    /// The day in a key's last 4 bytes (`D` and `A` keys).
+    pub fn day_of_daily_key(key: &[u8]) -> Day {
+        let n = key.len();
+        Day((u32::from_be_bytes(key[n - 4..].try_into().unwrap()) ^ 0x8000_0000) as i32)
+    }
     pub fn daily(partition: u32, client: &str, day: Day) -> Vec<u8> {
         [
             b"D",
             &partition.to_be_bytes()[..],
             client.as_bytes(),
             b"\0",
-            &((day.0 as u32) ^ 0x8000_0000).to_be_bytes(),
+            &day_bytes(day),
         ]
         .concat()
-    }
-    pub fn day_of_daily_key(key: &[u8]) -> Day {
-        let n = key.len();
-        Day((u32::from_be_bytes(key[n - 4..].try_into().unwrap()) ^ 0x8000_0000) as i32)
     }
     pub fn published(slug: &str, table: &str) -> Vec<u8> {
         [b"P", slug.as_bytes(), b"\0", table.as_bytes()].concat()
@@ -209,7 +213,7 @@ pub mod keys {
     }
     /// A UTC day with activity sketches (value empty).
     pub fn activity_day(day: Day) -> Vec<u8> {
-        [b"A", &((day.0 as u32) ^ 0x8000_0000).to_be_bytes()[..]].concat()
+        [&b"A"[..], &day_bytes(day)].concat()
     }
     pub fn rejects(reason: RejectReason) -> Vec<u8> {
         [b"R", reason.as_str().as_bytes()].concat()
