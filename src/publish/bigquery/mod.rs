@@ -495,6 +495,9 @@ impl Publisher {
 /// Marks staging tables; never a valid window index suffix, so views skip them.
 const STAGING: &str = "__staging";
 
+/// Time kept free at the deadline for one last attempt.
+const LAST_ATTEMPT: Duration = Duration::from_millis(200);
+
 /// Retries transient (and not-found) failures with capped exponential backoff and full
 /// jitter until `deadline`; returns the last error's class and message.
 async fn retry<T, F, Fut>(deadline: Instant, mut call: F) -> Result<T, (Class, String)>
@@ -514,14 +517,17 @@ where
             Err(_) => CallError::transient("deadline reached during the attempt"),
         };
         tracing::debug!(attempts, error = %err.detail, "BigQuery call failed, retrying");
-        let pause = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
-        if Instant::now() + pause >= deadline {
+        // Retry until the deadline itself: the last pause is cut short so that one final
+        // attempt still fits, rather than giving up early when the next backoff overruns.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left < LAST_ATTEMPT {
             return Err((
                 Class::Transient,
                 format!("gave up after {attempts} attempts: {}", err.detail),
             ));
         }
-        tokio::time::sleep(pause).await;
+        let pause = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        tokio::time::sleep(pause.min(left - LAST_ATTEMPT / 2)).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
