@@ -109,6 +109,9 @@ pub struct Fold {
     pub stats: FoldStats,
     /// Only events of these days are folded (backfill); others are skipped.
     day_filter: Option<(Day, Day)>,
+    /// Per experiment: results final and per-client state dropped (`finalize`'s
+    /// retention); its events are skipped and its tables never published again.
+    retired: Vec<bool>,
     logged_rejects: [bool; RejectReason::ALL.len()],
 }
 
@@ -161,6 +164,12 @@ impl Fold {
             .collect::<Result<_, _>>()?;
         let cfg_sketch = cfg.pipeline.sketch_config();
         let published_global = store.published(state::GLOBAL)?;
+        let retired_slugs = store.retired()?;
+        let retired = cfg
+            .experiments
+            .iter()
+            .map(|e| retired_slugs.contains_key(&e.slug))
+            .collect();
         let mut fold = Fold {
             published_global,
             cfg,
@@ -179,6 +188,7 @@ impl Fold {
             sketches: crate::sketch::SketchBuffer::new(&cfg_sketch),
             stats: FoldStats::default(),
             day_filter: None,
+            retired,
             logged_rejects: [false; RejectReason::ALL.len()],
         };
         fold.watermark_day = fold.watermark(None).map(|t| t.day());
@@ -190,6 +200,32 @@ impl Fold {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Whether experiment `x`'s per-client state was dropped (see [`Fold::retire`]).
+    pub fn is_retired(&self, x: usize) -> bool {
+        self.retired[x]
+    }
+
+    /// Drops experiment `x`'s per-client state (its results are final): enrollment
+    /// records, and daily records of days no other experiment spans. Sketches, publication
+    /// records and published statistics stay. Returns the (enrollment, daily) records
+    /// removed.
+    pub fn retire(&mut self, x: usize) -> Result<(u64, u64), StateError> {
+        self.flush()?;
+        self.retired[x] = true;
+        self.daily.clear(); // cached days may be among those dropped
+        let spans: Vec<(Day, Day)> = self
+            .exps
+            .iter()
+            .zip(&self.retired)
+            .filter(|(_, r)| !**r)
+            .map(|(i, _)| (i.first_day, i.end_day))
+            .collect();
+        let slug = self.cfg.experiments[x].slug.clone();
+        self.store.drop_client_state(&slug, |day| {
+            spans.iter().any(|(from, to)| day >= *from && day <= *to)
+        })
     }
     pub fn store(&self) -> &Store {
         &self.store
@@ -248,6 +284,10 @@ impl Fold {
         *t = (*t).max(ts.0);
         self.last_seen.insert(key, Instant::now());
         let result = match event {
+            Event::Enrollment(e) if self.is_retired_slug(&e.experiment) => {
+                self.stats.skipped += 1;
+                return;
+            }
             Event::Enrollment(e) => self.apply_enrollment(partition as u32, e),
             Event::Telemetry(t) => {
                 self.apply_telemetry(partition as u32, t);
@@ -261,6 +301,14 @@ impl Fold {
             }
             Err(r) => self.reject(&r, source),
         }
+    }
+
+    fn is_retired_slug(&self, slug: &str) -> bool {
+        self.cfg
+            .experiments
+            .iter()
+            .zip(&self.retired)
+            .any(|(e, r)| *r && e.slug == slug)
     }
 
     fn apply_enrollment(&mut self, partition: u32, e: &EnrollmentEvent<'_>) -> Result<(), Reject> {
@@ -345,7 +393,8 @@ impl Fold {
         if !self
             .exps
             .iter()
-            .any(|x| day >= x.first_day && day < x.end_day)
+            .zip(&self.retired)
+            .any(|(x, retired)| !retired && day >= x.first_day && day < x.end_day)
         {
             return; // outside every experiment: only the watermark (and sketches) see it
         }
@@ -436,7 +485,7 @@ impl Fold {
     /// Marks every published window whose span of absolute days holds `day` as touched.
     fn mark_late(&mut self, day: Day) {
         for (x, (exp, info)) in self.cfg.experiments.iter().zip(&self.exps).enumerate() {
-            if self.published[x].is_empty() {
+            if self.published[x].is_empty() || self.retired[x] {
                 continue;
             }
             for w in &info.windows {

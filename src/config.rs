@@ -58,9 +58,15 @@ pub struct PipelineConfig {
     pub dimensions: Vec<String>,
     /// Messages larger than this are rejected as `oversized` before decoding.
     pub max_message_bytes: usize,
-    /// A published window is re-published when late events touched more than this
-    /// fraction of its rows (0 re-publishes on any change).
+    /// A published window is re-published at once when late data changed its row count
+    /// or any metric's sum by more than this fraction (0: on any change).
     pub republish_threshold: f64,
+    /// Days after a window completes during which smaller late changes wait in state;
+    /// the first `finalize` after them publishes whatever changed.
+    pub late_lookback_days: u32,
+    /// Days after an experiment's results are final (its end date plus the look-back)
+    /// before `finalize` drops its per-client state; sketches are kept.
+    pub retention_days: u32,
     /// Events folded in memory before one atomic sled batch is written.
     pub batch_events: usize,
     /// Longest time events wait in memory before their batch is written.
@@ -114,6 +120,8 @@ impl Default for PipelineConfig {
                 .to_vec(),
             max_message_bytes: 1 << 20,
             republish_threshold: 0.01,
+            late_lookback_days: 3,
+            retention_days: 30,
             batch_events: 50_000,
             batch_millis: 1_000,
             replicates: 1_000,

@@ -130,8 +130,17 @@ enum Command {
         /// Last day of events to fold; windows complete by its end are published.
         #[arg(long)]
         to: chrono::NaiveDate,
-        #[arg(long)]
-        input: PathBuf,
+        /// An event archive (NDJSON) ...
+        #[arg(long, required_unless_present = "brokers", conflicts_with = "brokers")]
+        input: Option<PathBuf>,
+        /// ... or the configured topics on these brokers, from the earliest retained
+        /// offsets up to their ends when the backfill started (own consumer group, so the
+        /// running service is not disturbed).
+        #[arg(long, requires = "from_beginning")]
+        brokers: Option<String>,
+        /// Required with --brokers: says that the topics are read from the beginning.
+        #[arg(long, requires = "brokers")]
+        from_beginning: bool,
         /// A new (or empty) directory: backfill never mixes with existing state.
         #[arg(long)]
         data_dir: PathBuf,
@@ -196,6 +205,12 @@ fn sink(output: &Output, cfg: &Config) -> anyhow::Result<Box<dyn Sink>> {
 fn print_statuses(statuses: &[slipstream::finalize::Status]) -> ExitCode {
     for s in statuses {
         println!("{} {}: {}", s.date, s.slug, s.status);
+        if let Some((enrollments, days)) = s.dropped {
+            println!(
+                "{} {}: results final, per-client state dropped ({enrollments} enrollment and {days} daily records; sketches kept)",
+                s.date, s.slug
+            );
+        }
     }
     if statuses.iter().any(|s| s.failed()) {
         ExitCode::FAILURE
@@ -378,36 +393,88 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             from,
             to,
             input,
+            brokers,
+            from_beginning: _,
             data_dir,
             output,
         } => {
-            let cfg = load_config(&config)?;
+            let mut cfg = load_config(&config)?;
             if to < from {
                 anyhow::bail!("--to {to} is before --from {from}");
             }
             if std::fs::read_dir(&data_dir).is_ok_and(|mut d| d.next().is_some()) {
                 anyhow::bail!("--data-dir {} is not empty: backfill recomputes into a fresh directory (publishing replaces the tables); pass a new one", data_dir.display());
             }
+            if brokers.is_some() {
+                // A group of its own: joining the service's would take partitions from it.
+                let k = &mut cfg.pipeline.kafka;
+                k.group_id = format!(
+                    "{}-backfill-{}",
+                    k.group_id,
+                    chrono::Utc::now().format("%Y%m%dT%H%M%S")
+                );
+            }
             let sink = sink(&output, &cfg)?;
             let store = Store::open(&data_dir, &cfg)?;
-            let source = ingest::file::source_name(&input);
-            let mut fold = Fold::new(cfg, store, &[&source])?;
+            let k = cfg.pipeline.kafka.clone();
+            let sources = match &input {
+                Some(input) => vec![ingest::file::source_name(input)],
+                None => vec![k.enrollments_topic.clone(), k.telemetry_topic.clone()],
+            };
+            let names: Vec<&str> = sources.iter().map(String::as_str).collect();
+            let mut fold = Fold::new(cfg, store, &names)?;
             fold.set_day_filter(
                 slipstream::event::Day::from_date(from),
                 slipstream::event::Day::from_date(to),
             );
             let mut pipeline = Pipeline::new(fold, sink);
-            let s = ingest::file::replay(&mut pipeline, &input)?;
+            let (what, lines, folded, rejected, published) = match (&input, &brokers) {
+                (Some(input), _) => {
+                    let s = ingest::file::replay(&mut pipeline, input)?;
+                    (
+                        input.display().to_string(),
+                        s.lines,
+                        s.folded,
+                        s.rejected,
+                        s.published,
+                    )
+                }
+                (None, Some(brokers)) => {
+                    let rt = tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .enable_all()
+                        .build()?;
+                    let mut opts = ingest::stream::RunOptions {
+                        stop_at_end: true,
+                        ..Default::default()
+                    };
+                    let s = rt.block_on(ingest::stream::run(
+                        &mut pipeline,
+                        brokers,
+                        &mut opts,
+                        shutdown_signal(),
+                    ))?;
+                    let stats = &pipeline.fold.stats;
+                    let rejected = stats.rejected.iter().sum::<u64>();
+                    (
+                        format!(
+                            "topics {} and {} on {brokers}",
+                            k.enrollments_topic, k.telemetry_topic
+                        ),
+                        s.messages,
+                        stats.folded,
+                        rejected,
+                        s.published,
+                    )
+                }
+                (None, None) => unreachable!("clap requires --input or --brokers"),
+            };
             let (statuses, report) = slipstream::finalize::finalize(&mut pipeline, to, None)?;
             println!(
-                "backfilled {} lines from {} ({} folded, {} outside {from}..{to}, {} rejected); published {} tables ({} rows) to {}",
-                s.lines,
-                input.display(),
-                s.folded,
+                "backfilled {lines} events from {what} ({folded} folded, {} outside {from}..{to}, {rejected} rejected); published {} tables ({} rows) to {}",
                 pipeline.fold.stats.skipped,
-                s.rejected,
-                s.published.tables + report.tables,
-                s.published.rows + report.rows,
+                published.tables + report.tables,
+                published.rows + report.rows,
                 pipeline.sink_description()
             );
             Ok(print_statuses(&statuses))

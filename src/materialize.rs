@@ -6,7 +6,7 @@
 //! in client-id order, so rows and statistics do not depend on how the input was
 //! partitioned or batched.
 
-use chrono::NaiveDate;
+use chrono::{Datelike, NaiveDate};
 
 use crate::aggregate::{aggregate_window, ExperimentPlan, WindowAggregate};
 use crate::config::{AnalysisBasis, Experiment, MetricValueType, PipelineConfig};
@@ -21,6 +21,100 @@ use crate::window::{enrollments_table, statistics_view, Window};
 pub struct Due {
     pub windows: Vec<Window>,
     pub enrollments: bool,
+    /// Build the windows' aggregate tables only, no statistics (to measure late changes).
+    pub aggregates_only: bool,
+}
+
+/// A published window's size: its row count and the sum of every metric column of each
+/// aggregate table. Late data is measured against it (`pipeline.republish_threshold`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WindowSignature {
+    /// Rows of the largest aggregate table (one per enrolled client).
+    pub rows: u64,
+    /// `(<aggregate table>.<metric>, sum)`, and `(<aggregate table>#rows, row count)`,
+    /// in table and metric order.
+    pub sums: Vec<(String, f64)>,
+    /// Hash of every value of every table: tells a change the sums do not show (an
+    /// exposure date, a flag), which counts as a change below any positive threshold.
+    pub digest: u64,
+}
+
+impl WindowSignature {
+    /// Adds one aggregate table of the window (of experiment `exp`).
+    pub fn add_table(&mut self, exp: &Experiment, table: &TableData) {
+        self.rows = self.rows.max(table.rows.len() as u64);
+        self.sums
+            .push((format!("{}#rows", table.name), table.rows.len() as f64));
+        let mut h = xxhash_rust::xxh3::Xxh3::with_seed(self.digest);
+        for row in &table.rows {
+            for v in row {
+                match v {
+                    Value::Null => h.update(&[0]),
+                    Value::Str(s) => {
+                        h.update(&[1]);
+                        h.update(&(s.len() as u64).to_le_bytes());
+                        h.update(s.as_bytes());
+                    }
+                    Value::Int(i) => h.update(&[&[2u8][..], &i.to_le_bytes()].concat()),
+                    Value::Float(x) | Value::Numeric(x) => {
+                        h.update(&[&[3u8][..], &x.to_bits().to_le_bytes()].concat())
+                    }
+                    Value::Bool(b) => h.update(&[4, u8::from(*b)]),
+                    Value::Date(d) => {
+                        h.update(&[&[5u8][..], &d.num_days_from_ce().to_le_bytes()].concat())
+                    }
+                }
+            }
+        }
+        self.digest = h.digest();
+        for m in &exp.metrics {
+            let Some(col) = table.columns.iter().position(|c| c.name == m.name) else {
+                continue;
+            };
+            let sum: f64 = table
+                .rows
+                .iter()
+                .map(|r| match &r[col] {
+                    Value::Float(x) => *x,
+                    Value::Int(i) => *i as f64,
+                    Value::Bool(b) => f64::from(u8::from(*b)),
+                    _ => 0.0,
+                })
+                .sum();
+            self.sums.push((format!("{}.{}", table.name, m.name), sum));
+        }
+    }
+
+    /// The largest relative change from `self` (as published) to `now`: of the row counts
+    /// and of each metric sum. A sum that moves away from zero, or a metric that appeared
+    /// or vanished, is an infinite change; other changed values (same counts and sums) the
+    /// smallest positive one, so that only a threshold of 0 publishes them at once.
+    pub fn change(&self, now: &WindowSignature) -> f64 {
+        fn rel(old: f64, new: f64) -> f64 {
+            let d = (new - old).abs();
+            if d <= 1e-9 * old.abs().max(1.0) {
+                0.0
+            } else if old == 0.0 {
+                f64::INFINITY
+            } else {
+                d / old.abs()
+            }
+        }
+        let mut worst = rel(self.rows as f64, now.rows as f64);
+        if self.sums.len() != now.sums.len() {
+            return f64::INFINITY;
+        }
+        for ((a, old), (b, new)) in self.sums.iter().zip(&now.sums) {
+            if a != b {
+                return f64::INFINITY;
+            }
+            worst = worst.max(rel(*old, *new));
+        }
+        if worst == 0.0 && self.digest != now.digest {
+            return f64::MIN_POSITIVE;
+        }
+        worst
+    }
 }
 
 /// Columns of `enrollments_<slug>`.
@@ -396,6 +490,10 @@ pub fn build(
     if due.enrollments {
         out.push(enrollments);
     }
+    if due.aggregates_only {
+        out.extend(aggregates);
+        return Ok(out);
+    }
     let mut aggregates = aggregates.into_iter();
     for (wi, w) in due.windows.iter().enumerate() {
         let mut stat_rows = Vec::new();
@@ -451,4 +549,44 @@ fn statistic_row(r: stats::StatisticRow) -> Vec<Value> {
         opt_float(r.upper),
         Value::Str(r.analysis_basis),
     ]
+}
+
+#[cfg(test)]
+mod signature_tests {
+    use super::WindowSignature;
+
+    fn sig(rows: u64, sums: &[(&str, f64)]) -> WindowSignature {
+        WindowSignature {
+            rows,
+            sums: sums.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            digest: 7,
+        }
+    }
+
+    #[test]
+    fn change_is_the_largest_relative_move_of_rows_or_any_sum() {
+        let old = sig(100, &[("t.a", 50.0), ("t.b", 10.0)]);
+        assert_eq!(old.change(&old), 0.0);
+        assert!((old.change(&sig(101, &[("t.a", 50.0), ("t.b", 10.0)])) - 0.01).abs() < 1e-12);
+        assert!((old.change(&sig(100, &[("t.a", 50.0), ("t.b", 10.5)])) - 0.05).abs() < 1e-12);
+        assert!((old.change(&sig(100, &[("t.a", 49.0), ("t.b", 10.0)])) - 0.02).abs() < 1e-12);
+        // Away from zero, or a metric added or removed: infinitely large.
+        let zero = sig(100, &[("t.a", 0.0)]);
+        assert_eq!(zero.change(&sig(100, &[("t.a", 1e-3)])), f64::INFINITY);
+        assert_eq!(old.change(&sig(100, &[("t.a", 50.0)])), f64::INFINITY);
+        assert_eq!(
+            old.change(&sig(100, &[("t.a", 50.0), ("t.c", 10.0)])),
+            f64::INFINITY
+        );
+        // Same counts and sums but other values: the smallest change there is.
+        let mut other = old.clone();
+        other.digest = 8;
+        assert_eq!(old.change(&other), f64::MIN_POSITIVE);
+        assert!(old.change(&other) > 0.0 && old.change(&other) < 1e-300);
+        // Float noise in a recomputed sum is no change.
+        assert_eq!(
+            old.change(&sig(100, &[("t.a", 50.0 + 1e-12), ("t.b", 10.0)])),
+            0.0
+        );
+    }
 }

@@ -1,20 +1,25 @@
 //! The driver shared by `replay` and `run`: fold, flush, and publish what is due.
 //!
 //! After each flush the pipeline compares the watermark with every window's completion
-//! time. A window is published once complete; it is published again when late events
-//! touched more than `republish_threshold` of its rows. The state a publication reflects
-//! is made durable first, and a table is recorded as published only after the sink
-//! confirmed it, so a crash in between just publishes it again (sinks replace tables).
+//! time. A window is published once complete. Late events mark a published window dirty;
+//! the pipeline then measures the window again (at most once per `late_check_interval`
+//! while late events keep coming) and re-publishes it at once when its row count or any
+//! metric sum moved by more than `republish_threshold` since publication. Smaller changes
+//! wait in state: the first forced pass (`finalize`) after the window's look-back
+//! (`late_lookback_days` after it completed) publishes them. The state a publication
+//! reflects is made durable first, and a table is recorded as published only after the
+//! sink confirmed it, so a crash in between just publishes it again (sinks replace tables).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::apply::Fold;
 use crate::event::Timestamp;
-use crate::materialize::{self, Due};
+use crate::materialize::{self, Due, WindowSignature};
 use crate::publish::{PublishError, Sink, TableData, TableKind};
 use crate::state::{PublishedRecord, StateError};
-use crate::window::{self, enrollments_table};
+use crate::window::{self, enrollments_table, Window};
 
 /// Windows materialized together at most (bounds memory when many are due at once).
 const WINDOWS_PER_PASS: usize = 8;
@@ -60,7 +65,17 @@ pub struct Pipeline {
     backoff: Duration,
     /// No publication pass before this instant.
     backoff_until: Option<Instant>,
+    /// Dirty windows measured against their published signature, by (experiment,
+    /// statistics table): the late events counted then, when, and whether the change was
+    /// above the threshold.
+    late_measured: HashMap<(usize, String), (u64, Instant, bool)>,
+    /// Least time between two measurements of the same dirty window while late events
+    /// keep arriving (each measurement reads the window's state).
+    pub late_check_interval: Duration,
 }
+
+/// Default [`Pipeline::late_check_interval`].
+pub const LATE_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
@@ -77,6 +92,8 @@ impl Pipeline {
             metrics: Arc::new(crate::health::PipelineMetrics::new()),
             backoff: Duration::ZERO,
             backoff_until: None,
+            late_measured: HashMap::new(),
+            late_check_interval: LATE_CHECK_INTERVAL,
         }
     }
 
@@ -84,9 +101,10 @@ impl Pipeline {
         self.sink.describe()
     }
 
-    /// Whether a publication record says the table needs (re)publishing: once `ready`,
-    /// and again when late events touched more than the threshold (any, when `force`d).
-    /// A table whose last failure was permanent waits for a forced pass (`finalize`).
+    /// Whether a publication record says a table that is not a window (enrollments,
+    /// activity sketches) needs (re)publishing: once `ready`, and again when late events
+    /// touched more than the threshold of its rows (any, when `force`d). A table whose
+    /// last failure was permanent waits for a forced pass (`finalize`).
     fn needs(&self, rec: Option<&PublishedRecord>, ready: bool, force: bool) -> bool {
         let threshold = self.fold.config().pipeline.republish_threshold;
         match rec {
@@ -99,21 +117,105 @@ impl Pipeline {
         }
     }
 
-    /// What is due for experiment `x` at this watermark.
-    pub fn due(&self, x: usize, watermark: Option<Timestamp>, force: bool) -> Due {
+    /// What is due for experiment `x` at this watermark, and the dirty windows whose
+    /// change must be measured to decide.
+    fn due(&self, x: usize, watermark: Option<Timestamp>, force: bool) -> (Due, Vec<Window>) {
         let exp = &self.fold.config().experiments[x];
+        let lookback = self.fold.config().pipeline.late_lookback_days;
         let published = self.fold.published(Some(x));
         let reached = |t: Timestamp| watermark.is_some_and(|w| w >= t);
         let mut due = Due::default();
+        let mut measure = Vec::new();
         for w in window::windows(exp) {
-            let rec = published.get(&w.statistics_table(exp));
-            if self.needs(rec, reached(w.complete_at(exp)), force) {
+            let ready = reached(w.complete_at(exp));
+            let (publish, measure_it) = match published.get(&w.statistics_table(exp)) {
+                None => (ready, false),
+                Some(r) if r.permanent => (force && ready, false),
+                Some(r) if r.published_at == 0 => (ready, false), // only failures so far
+                Some(r) if r.late_events == 0 => (false, false),
+                // Dirty: everything once the look-back is over (forced), else by measure.
+                Some(_) if force && reached(lookback_end(exp, &w, lookback)) => (true, false),
+                Some(_) => (false, true),
+            };
+            if publish {
                 due.windows.push(w);
+            } else if measure_it {
+                measure.push(w);
             }
         }
         let rec = published.get(&enrollments_table(exp));
         due.enrollments = self.needs(rec, reached(window::enrollment_closed_at(exp)), force);
-        due
+        (due, measure)
+    }
+
+    /// Measures dirty windows of experiment `x` against what was published and returns
+    /// those whose row count or a metric sum moved by more than the threshold. A window is
+    /// measured again only when more late events arrived, and (unless `force`d) no sooner
+    /// than `late_check_interval` after its last measurement.
+    fn measure_late(
+        &mut self,
+        x: usize,
+        candidates: Vec<Window>,
+        force: bool,
+    ) -> Result<Vec<Window>, StateError> {
+        let exp = self.fold.config().experiments[x].clone();
+        let threshold = self.fold.config().pipeline.republish_threshold;
+        let now = Instant::now();
+        let mut above = Vec::new();
+        let mut todo = Vec::new();
+        for w in candidates {
+            let table = w.statistics_table(&exp);
+            let late = self
+                .fold
+                .published(Some(x))
+                .get(&table)
+                .map_or(0, |r| r.late_events);
+            match self.late_measured.get(&(x, table)) {
+                Some(&(_, _, true)) => above.push(w),
+                Some(&(n, at, false))
+                    if n == late
+                        || (!force && now.duration_since(at) < self.late_check_interval) => {}
+                _ => todo.push((w, late)),
+            }
+        }
+        for chunk in todo.chunks(WINDOWS_PER_PASS) {
+            let due = Due {
+                windows: chunk.iter().map(|(w, _)| *w).collect(),
+                enrollments: false,
+                aggregates_only: true,
+            };
+            let started = Instant::now();
+            let tables =
+                materialize::build(&exp, self.fold.store(), &due, &self.fold.config().pipeline)?;
+            self.times.materialize += started.elapsed();
+            for (&(w, late), window_tables) in
+                chunk.iter().zip(tables.chunks(exp.analysis_bases.len()))
+            {
+                let mut current = WindowSignature::default();
+                for t in window_tables {
+                    current.add_table(&exp, t);
+                }
+                let table = w.statistics_table(&exp);
+                let change = match self.fold.store().signature(&exp.slug, &table)? {
+                    Some(published) => published.change(&current),
+                    None => f64::INFINITY, // published before signatures were kept
+                };
+                let is_above = change > threshold;
+                tracing::info!(
+                    table,
+                    late_events = late,
+                    change,
+                    threshold,
+                    republish = is_above,
+                    "measured a window changed by late data"
+                );
+                self.late_measured.insert((x, table), (late, now, is_above));
+                if is_above {
+                    above.push(w);
+                }
+            }
+        }
+        Ok(above)
     }
 
     /// Flushes the fold, makes it durable, and publishes everything due. `force`
@@ -146,10 +248,13 @@ impl Pipeline {
             return Ok(report); // the sink is down: keep folding, publish later
         }
         for x in 0..self.fold.config().experiments.len() {
-            if only.is_some_and(|o| o != x) {
+            if only.is_some_and(|o| o != x) || self.fold.is_retired(x) {
                 continue;
             }
-            let due = self.due(x, watermark, force);
+            let (mut due, measure) = self.due(x, watermark, force);
+            if !measure.is_empty() {
+                due.windows.extend(self.measure_late(x, measure, force)?);
+            }
             if due.windows.is_empty() && !due.enrollments {
                 continue;
             }
@@ -159,14 +264,14 @@ impl Pipeline {
                 .chunks(WINDOWS_PER_PASS)
                 .map(|c| Due {
                     windows: c.to_vec(),
-                    enrollments: false,
+                    ..Default::default()
                 })
                 .collect();
             match chunks.first_mut() {
                 Some(first) => first.enrollments = due.enrollments,
                 None => chunks.push(Due {
-                    windows: vec![],
                     enrollments: due.enrollments,
+                    ..Default::default()
                 }),
             }
             for chunk in chunks {
@@ -196,7 +301,11 @@ impl Pipeline {
         // the window counts as published: a window is published only when all are.
         let mut window_failed: Option<String> = None;
         let mut rows_of_window = 0u64;
+        let mut signature = WindowSignature::default();
         for table in &tables {
+            if let TableKind::Aggregates = table.kind {
+                signature.add_table(&exp, table);
+            }
             let outcome = match (&table.kind, &window_failed) {
                 (TableKind::Aggregates, Some(_)) => continue,
                 (TableKind::Statistics { .. }, Some(why)) => {
@@ -208,9 +317,11 @@ impl Pipeline {
                     Outcome::Failed
                 }
                 (TableKind::Statistics { .. }, None) => {
-                    self.publish_one(Some(x), table, rows_of_window, report)?
+                    let sig = std::mem::take(&mut signature);
+                    self.late_measured.remove(&(x, table.name.clone()));
+                    self.publish_one(Some(x), table, rows_of_window, Some(&sig), report)?
                 }
-                _ => self.publish_one(Some(x), table, table.rows.len() as u64, report)?,
+                _ => self.publish_one(Some(x), table, table.rows.len() as u64, None, report)?,
             };
             match outcome {
                 Outcome::Backoff => return Ok(false),
@@ -226,6 +337,7 @@ impl Pipeline {
                 TableKind::Statistics { .. } => {
                     window_failed = None;
                     rows_of_window = 0;
+                    signature = WindowSignature::default();
                 }
                 TableKind::Enrollments | TableKind::Sketches => {}
             }
@@ -254,7 +366,7 @@ impl Pipeline {
             let table = materialize::sketch_table(self.fold.store(), day)?;
             self.times.materialize += started.elapsed();
             if let Outcome::Backoff =
-                self.publish_one(None, &table, table.rows.len() as u64, report)?
+                self.publish_one(None, &table, table.rows.len() as u64, None, report)?
             {
                 return Ok(false);
             }
@@ -263,12 +375,14 @@ impl Pipeline {
     }
 
     /// Hands one table to the sink and records the outcome (owner: experiment index, or
-    /// None for global tables). A transient failure starts the backoff.
+    /// None for global tables), with the window's signature for a statistics table. A
+    /// transient failure starts the backoff.
     fn publish_one(
         &mut self,
         owner: Option<usize>,
         table: &TableData,
         rows: u64,
+        signature: Option<&WindowSignature>,
         report: &mut PublishReport,
     ) -> Result<Outcome, StateError> {
         let started = Instant::now();
@@ -282,6 +396,10 @@ impl Pipeline {
                 if let (TableKind::Statistics { .. }, Some(x)) = (&table.kind, owner) {
                     let slug = &self.fold.config().experiments[x].slug;
                     crate::health::store_statistics(self.fold.store(), slug, table)?;
+                    // What the sink now holds, before the record that clears the late marks.
+                    if let Some(sig) = signature {
+                        self.fold.store().set_signature(slug, &table.name, sig)?;
+                    }
                 }
                 self.metrics.tables_published.inc();
                 report.tables += 1;
@@ -351,6 +469,12 @@ enum Outcome {
     Failed,
     /// Failed transiently: the pass stops and the pipeline backs off.
     Backoff,
+}
+
+/// When a window's look-back ends: `days` after it completed. Until then, late changes
+/// below the threshold wait in state.
+pub fn lookback_end(exp: &crate::config::Experiment, w: &Window, days: u32) -> Timestamp {
+    Timestamp(w.complete_at(exp).0 + i64::from(days) * 86_400_000_000)
 }
 
 /// Longest wait between publication attempts while the sink fails.

@@ -18,6 +18,8 @@ pub const FORMAT_VERSION: u32 = 1;
 
 const META_FORMAT: &[u8] = b"M\0format";
 const META_LAYOUT: &[u8] = b"M\0layout";
+/// `M\0retired\0<slug>`: per-client state dropped (value 1) or being dropped (0).
+const META_RETIRED: &[u8] = b"M\0retired\0";
 
 /// Errors opening or using the store; each says what to do next.
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +212,10 @@ pub mod keys {
     }
     pub fn published_prefix(slug: &str) -> Vec<u8> {
         [b"P", slug.as_bytes(), b"\0"].concat()
+    }
+    /// The signature (row count, metric sums) of a window as last published.
+    pub fn signature(slug: &str, table: &str) -> Vec<u8> {
+        [b"G", slug.as_bytes(), b"\0", table.as_bytes()].concat()
     }
     /// A UTC day with activity sketches (value empty).
     pub fn activity_day(day: Day) -> Vec<u8> {
@@ -470,6 +476,84 @@ impl Store {
         rec: &PublishedRecord,
     ) -> Result<(), StateError> {
         self.db.insert(keys::published(slug, table), encode(rec))?;
+        Ok(())
+    }
+
+    /// Experiments whose per-client state `finalize` dropped (or is dropping), by slug:
+    /// `true` once the drop completed.
+    pub fn retired(&self) -> Result<BTreeMap<String, bool>, StateError> {
+        let mut out = BTreeMap::new();
+        for kv in self.db.scan_prefix(META_RETIRED) {
+            let (k, v) = kv?;
+            let slug = String::from_utf8_lossy(&k[META_RETIRED.len()..]).into_owned();
+            out.insert(slug, v.first() == Some(&1));
+        }
+        Ok(out)
+    }
+
+    /// Drops an experiment's per-client state: its enrollment records, and the daily
+    /// records of days that no remaining experiment needs (`keep_day` false). The
+    /// experiment is marked retired first (so the fold ignores it from then on) and the
+    /// drop completed last; a drop cut short by a crash is finished by calling this
+    /// again. Returns the (enrollment, daily) records removed.
+    pub fn drop_client_state(
+        &self,
+        slug: &str,
+        keep_day: impl Fn(Day) -> bool,
+    ) -> Result<(u64, u64), StateError> {
+        let marker = [META_RETIRED, slug.as_bytes()].concat();
+        self.db.insert(&marker, &[0u8])?;
+        self.db.flush()?;
+        const CHUNK: usize = 10_000;
+        let mut removed = (0u64, 0u64);
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.db.scan_prefix(keys::enrollment_prefix(slug)) {
+            let (k, _) = kv?;
+            batch.remove(k);
+            removed.0 += 1;
+            n += 1;
+            if n == CHUNK {
+                self.db.apply_batch(std::mem::take(&mut batch))?;
+                n = 0;
+            }
+        }
+        for kv in self.db.scan_prefix(b"D") {
+            let (k, _) = kv?;
+            if keep_day(keys::day_of_daily_key(&k)) {
+                continue;
+            }
+            batch.remove(k);
+            removed.1 += 1;
+            n += 1;
+            if n == CHUNK {
+                self.db.apply_batch(std::mem::take(&mut batch))?;
+                n = 0;
+            }
+        }
+        batch.insert(marker, &[1u8]);
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(removed)
+    }
+
+    /// What a window's tables held when last published (see `materialize::WindowSignature`).
+    pub fn signature(
+        &self,
+        slug: &str,
+        table: &str,
+    ) -> Result<Option<crate::materialize::WindowSignature>, StateError> {
+        let key = keys::signature(slug, table);
+        self.db.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    pub fn set_signature(
+        &self,
+        slug: &str,
+        table: &str,
+        sig: &crate::materialize::WindowSignature,
+    ) -> Result<(), StateError> {
+        self.db.insert(keys::signature(slug, table), encode(sig))?;
         Ok(())
     }
 

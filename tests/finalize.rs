@@ -94,66 +94,67 @@ fn finalize_publishes_a_quiet_streams_windows_and_reports_statuses() {
     assert_eq!(row(&overall, "B")["active_hours"], 2.0);
     assert_eq!(table(&out, "enrollments_empty_test").len(), 0);
 
-    // Late data: one late event touches 1 of 2 rows of day 5 (50%, not above the 0.5
-    // threshold): kept in state, not re-published by the stream...
+    // Late data below the threshold: A's second event of 11-05 moves day 5's active_hours
+    // sum from 4 to 5 (+25%, not above 0.5; no other metric changes) and the overall
+    // window's from 7 to 8: kept in state, not re-published by the stream...
     let mut text = EVENTS.to_string();
-    text.push_str(r#"{"client_id":"B","submission_timestamp":"2026-11-06T12:00:00Z","experiments":{"fin-test":"treatment"},"metrics":{"active_hours":8.0}}"#);
+    text.push_str(r#"{"client_id":"A","submission_timestamp":"2026-11-05T13:00:00Z","experiments":{"fin-test":"control"},"metrics":{"active_hours":1.0}}"#);
     text.push('\n');
     std::fs::write(&input, &text).unwrap();
-    slipstream(&[
-        "replay",
-        "--config",
-        p(&cfg),
-        "--input",
-        p(&input),
-        "--data-dir",
-        p(&state),
-        "--out",
-        p(&out),
-    ]);
-    assert_eq!(
-        row(&table(&out, "fin_test_enrollments_day_5"), "B")["active_hours"],
-        0.0
-    );
-    // ... and published by the next finalize.
-    let (ok, stdout) = run(&[
-        "finalize",
-        "--config",
-        p(&cfg),
-        "--data-dir",
-        p(&state),
-        "--date",
-        "2026-11-12",
-        "--out",
-        p(&out),
-    ]);
-    assert!(ok, "{stdout}");
-    assert_eq!(
-        row(&table(&out, "fin_test_enrollments_day_5"), "B")["active_hours"],
-        8.0
-    );
-    assert_eq!(
-        row(&table(&out, "fin_test_enrollments_overall_1"), "B")["active_hours"],
-        10.0
-    );
+    let replay = || {
+        slipstream(&[
+            "replay",
+            "--config",
+            p(&cfg),
+            "--input",
+            p(&input),
+            "--data-dir",
+            p(&state),
+            "--out",
+            p(&out),
+        ])
+    };
+    replay();
+    let a = |t: &str| row(&table(&out, t), "A")["active_hours"].as_f64().unwrap();
+    assert_eq!(a("fin_test_enrollments_day_5"), 4.0);
+    // ... nor by a finalize within the look-back (day 5 completes on 11-07, its look-back
+    // of 3 days ends on 11-10); still a success, the change is pending ...
+    let finalize_on = |date: &str| {
+        let (ok, stdout) = run(&[
+            "finalize",
+            "--config",
+            p(&cfg),
+            "--data-dir",
+            p(&state),
+            "--date",
+            date,
+            "--out",
+            p(&out),
+        ]);
+        assert!(ok, "{stdout}");
+        assert!(
+            stdout.contains(&format!("{date} fin-test: succeeded\n")),
+            "{stdout}"
+        );
+    };
+    finalize_on("2026-11-08");
+    assert_eq!(a("fin_test_enrollments_day_5"), 4.0);
+    // ... but by the first finalize after it. The overall window completes on 11-10: its
+    // look-back runs until 11-13, so it waits for a later finalize.
+    finalize_on("2026-11-11");
+    assert_eq!(a("fin_test_enrollments_day_5"), 5.0);
+    assert_eq!(a("fin_test_enrollments_overall_1"), 5.0);
+    finalize_on("2026-11-12");
+    assert_eq!(a("fin_test_enrollments_overall_1"), 6.0);
 
-    // Above the threshold (both rows of day 4 change): the stream re-publishes at once.
+    // Above the threshold (day 4's sum moves away from zero): the stream re-publishes at
+    // once.
     text.push_str(r#"{"client_id":"A","submission_timestamp":"2026-11-04T12:00:00Z","experiments":{"fin-test":"control"},"metrics":{"active_hours":0.5}}
 {"client_id":"B","submission_timestamp":"2026-11-05T13:00:00Z","experiments":{"fin-test":"treatment"},"metrics":{"active_hours":0.25}}
 {"client_id":"A","submission_timestamp":"2026-11-04T13:00:00Z","experiments":{"fin-test":"control"},"metrics":{"active_hours":0.5}}
 "#);
     std::fs::write(&input, &text).unwrap();
-    slipstream(&[
-        "replay",
-        "--config",
-        p(&cfg),
-        "--input",
-        p(&input),
-        "--data-dir",
-        p(&state),
-        "--out",
-        p(&out),
-    ]);
+    replay();
     let d4 = table(&out, "fin_test_enrollments_day_4");
     assert_eq!(row(&d4, "A")["active_hours"], 1.0);
     assert_eq!(row(&d4, "B")["active_hours"], 0.25);
@@ -426,4 +427,183 @@ fn finalize_over_http_while_running() {
     assert_eq!(r.status().as_u16(), 409);
     let _ = serve.kill();
     let _ = serve.wait();
+}
+
+/// Once an experiment's results are final (every window published, no late change
+/// pending, every look-back over) and its retention is over, `finalize` drops its
+/// per-client state; later events of that experiment change nothing.
+#[test]
+fn finalize_drops_per_client_state_once_results_are_final_and_retention_is_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        &CONFIG.replace(
+            "republish_threshold = 0.5",
+            "republish_threshold = 0.5\nretention_days = 5",
+        ),
+    );
+    let input = write(dir.path(), "events.ndjson", EVENTS);
+    let (state, out) = (dir.path().join("state"), dir.path().join("out"));
+    let replay = || {
+        slipstream(&[
+            "replay",
+            "--config",
+            p(&cfg),
+            "--input",
+            p(&input),
+            "--data-dir",
+            p(&state),
+            "--out",
+            p(&out),
+        ])
+    };
+    let finalize_on = |date: &str| {
+        let (ok, stdout) = run(&[
+            "finalize",
+            "--config",
+            p(&cfg),
+            "--data-dir",
+            p(&state),
+            "--date",
+            date,
+            "--out",
+            p(&out),
+        ]);
+        assert!(ok, "{stdout}");
+        assert!(
+            stdout.contains(&format!("{date} fin-test: succeeded\n")),
+            "{stdout}"
+        );
+        stdout
+    };
+    let enrollment_records = || {
+        let config = slipstream::config::load(&cfg).unwrap();
+        let store = slipstream::state::Store::open(&state, &config).unwrap();
+        store.enrollments("fin-test").count()
+    };
+    replay();
+    // Final on 11-13 (the overall window's look-back ends), retention over 5 days later:
+    // at the end of 11-17.
+    let stdout = finalize_on("2026-11-16");
+    assert!(!stdout.contains("dropped"), "{stdout}");
+    assert_eq!(enrollment_records(), 2);
+    let stdout = finalize_on("2026-11-17");
+    // Daily records stay while another experiment still spans their day: here the last
+    // experiment retired drops them.
+    assert!(
+        stdout.contains("2026-11-17 fin-test: results final, per-client state dropped (2 enrollment and 0 daily records; sketches kept)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("2026-11-17 empty-test: results final, per-client state dropped (0 enrollment and 3 daily records; sketches kept)"),
+        "{stdout}"
+    );
+    assert_eq!(enrollment_records(), 0);
+    let overall = all_tables(&out);
+
+    // Late events of a retired experiment are skipped; nothing is published again.
+    let mut text = EVENTS.to_string();
+    text.push_str(r#"{"client_id":"C","experiment":"fin-test","branch":"control","event":"enroll","timestamp":"2026-11-02T11:00:00Z"}
+{"client_id":"A","submission_timestamp":"2026-11-05T13:00:00Z","experiments":{"fin-test":"control"},"metrics":{"active_hours":100.0}}
+"#);
+    std::fs::write(&input, &text).unwrap();
+    replay();
+    let stdout = finalize_on("2026-11-18");
+    assert!(!stdout.contains("dropped"), "{stdout}");
+    assert_eq!(enrollment_records(), 0);
+    assert_eq!(all_tables(&out), overall);
+}
+
+/// `backfill --brokers --from-beginning` reads the topics from the earliest retained
+/// offsets up to their ends as of its start, in a consumer group of its own, and gives
+/// the same tables as `backfill --input` of the same events.
+#[test]
+fn backfill_from_the_brokers_equals_backfill_from_the_archive() {
+    let broker = common::broker::Broker::shared();
+    for t in ["bf-enr", "bf-tel"] {
+        broker.create_topic(t, 3);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        &CONFIG.replace(
+            "republish_threshold = 0.5",
+            "republish_threshold = 0.5\n[pipeline.kafka]\nenrollments_topic = \"bf-enr\"\ntelemetry_topic = \"bf-tel\"\ngroup_id = \"bf-group\"",
+        ),
+    );
+    let events = dir.path().join("events.ndjson");
+    slipstream(&[
+        "generate",
+        "--config",
+        p(&cfg),
+        "--clients",
+        "300",
+        "--seed",
+        "11",
+        "--out",
+        p(&events),
+    ]);
+    slipstream(&[
+        "produce",
+        "--brokers",
+        &broker.addr,
+        "--input",
+        p(&events),
+        "--config",
+        p(&cfg),
+    ]);
+    let backfill = |source: &[&str], name: &str| {
+        let out = dir.path().join(format!("out-{name}"));
+        let state = dir.path().join(format!("state-{name}"));
+        let mut args = vec![
+            "backfill",
+            "--config",
+            p(&cfg),
+            "--from",
+            "2026-10-25",
+            "--to",
+            "2026-11-20",
+            "--data-dir",
+            p(&state),
+            "--out",
+            p(&out),
+        ];
+        args.extend_from_slice(source);
+        let (ok, stdout) = run(&args);
+        assert!(ok, "{stdout}");
+        (out, stdout)
+    };
+    let (from_file, _) = backfill(&["--input", p(&events)], "file");
+    let (from_brokers, stdout) =
+        backfill(&["--brokers", &broker.addr, "--from-beginning"], "brokers");
+    assert!(
+        stdout.contains("from topics bf-enr and bf-tel on"),
+        "{stdout}"
+    );
+    let (a, b) = (all_tables(&from_file), all_tables(&from_brokers));
+    assert!(a.len() > 10, "{} tables", a.len());
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, text) in &a {
+        assert!(
+            b[name] == *text,
+            "{name} differs between the archive and the brokers"
+        );
+    }
+    // --brokers without --from-beginning is refused.
+    let (ok, _) = run(&[
+        "backfill",
+        "--config",
+        p(&cfg),
+        "--from",
+        "2026-10-25",
+        "--to",
+        "2026-11-20",
+        "--data-dir",
+        p(&dir.path().join("state-x")),
+        "--brokers",
+        &broker.addr,
+    ]);
+    assert!(!ok);
 }

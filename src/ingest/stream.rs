@@ -72,6 +72,9 @@ pub struct RunOptions {
     pub ready: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Finalize requests from the HTTP API (`POST /v1/experiments/{slug}/finalize`).
     pub finalize: Option<tokio::sync::mpsc::Receiver<crate::http::FinalizeRequest>>,
+    /// Stop once every partition reached the high watermark it had when this instance
+    /// first owned them all (`backfill --brokers`: what was retained when it started).
+    pub stop_at_end: bool,
 }
 
 /// Totals of a run, printed at exit.
@@ -119,6 +122,8 @@ pub async fn run(
     let mut committed: Vec<(String, i32, i64)> = Vec::new();
     let mut idle_stop = false;
     let mut last_assigned = 0;
+    let mut end_marks: Option<Vec<(String, i32, i64)>> = None;
+    let mut last_end_check = Instant::now();
     tokio::pin!(shutdown);
     tracing::info!(brokers, group = %k.group_id, sink = %pipeline.sink_description(), "consuming");
     loop {
@@ -250,6 +255,22 @@ pub async fn run(
             tracing::debug!(?marks, "quiet but not caught up: waiting");
             last_message = Instant::now();
         }
+        if opts.stop_at_end && owns_all && last_end_check.elapsed() >= Duration::from_secs(1) {
+            last_end_check = Instant::now();
+            if end_marks.is_none() {
+                let marks =
+                    tokio::task::block_in_place(|| source.high_watermarks(Duration::from_secs(5)));
+                end_marks = (marks.len() == all_partitions).then_some(marks);
+            }
+            let reached = |(t, p, high): &(String, i32, i64)| {
+                positions.next_offset(t, *p).unwrap_or(0) >= *high
+            };
+            if end_marks.as_ref().is_some_and(|m| m.iter().all(reached)) {
+                tracing::info!("every partition reached its end as of the start: stopping");
+                idle_stop = true;
+                break;
+            }
+        }
     }
     // Stopped because the whole stream went quiet: every partition is idle, so the
     // watermark is the newest event time seen (as at the end of a file replay). On a
@@ -263,6 +284,7 @@ pub async fn run(
             Some(idle_after)
         })
         .filter(|_| owns_all);
+    pipeline.late_check_interval = Duration::ZERO; // the last pass measures all late changes
     let r = tokio::task::block_in_place(|| pipeline.flush_and_publish(wm, false))?;
     summary.published.absorb(r);
     pipeline.fold.store().flush()?;
