@@ -104,6 +104,7 @@ impl Api {
             now_micros: chrono::Utc::now().timestamp_micros(),
             event_times: EventTimes::read(&self.store).map_err(internal)?,
             allowed_lateness_hours: self.cfg.pipeline.allowed_lateness_hours,
+            consumer_lag: self.pipeline.as_ref().map(|p| p.consumer_lag()),
         })
     }
 }
@@ -540,7 +541,12 @@ async fn experiments(State(api): State<Arc<Api>>) -> ApiResult {
                 .iter()
                 .map(|e| {
                     let h = health::health(&api.store, &api.sketch, e, &live)?;
-                    Ok(json!({"status": h.status, "enrolled_total": h.enrolled_total}))
+                    let sources = h.data_sources.map(|r| r.sources).unwrap_or_default();
+                    Ok(json!({
+                        "status": h.status,
+                        "enrolled_total": h.enrolled_total,
+                        "data_sources": sources,
+                    }))
                 })
                 .collect::<Result<Vec<Value>, ApiError>>()
         }

@@ -193,12 +193,68 @@ fn health_reports_enrollment_srm_windows_and_no_client_ids() {
     let windows_check = checks.iter().find(|c| c["name"] == "windows").unwrap();
     assert_eq!(windows_check["status"], "ok", "{windows_check}");
 
+    // Per data source: the flags of the latest window of the longest period, counted from
+    // its published aggregate tables (overall, as the replay ran past the end date).
+    let ds = &h["data_sources"];
+    assert_eq!(ds["table"], "statistics_health_test_overall_1", "{ds}");
+    assert_eq!(ds["period"], "overall");
+    let sources = ds["sources"].as_array().unwrap();
+    assert_eq!(
+        sources.len(),
+        1,
+        "one per basis (enrollments) and data source: {ds}"
+    );
+    for s in sources {
+        let basis = s["analysis_basis"].as_str().unwrap();
+        assert_eq!(s["data_source"], "main");
+        let rows = table(&out, &format!("health_test_{basis}_overall_1"));
+        let count = |col: &str| rows.iter().filter(|r| r[col] == true).count() as u64;
+        assert_eq!(s["clients"].as_u64().unwrap(), rows.len() as u64, "{basis}");
+        let contradictory = count("main_has_contradictory_branch");
+        let untagged = count("main_has_non_enrolled_data");
+        assert_eq!(s["contradictory_branch"].as_u64().unwrap(), contradictory);
+        assert_eq!(s["non_enrolled_data"].as_u64().unwrap(), untagged);
+        assert!(
+            contradictory > 0 && untagged > 0,
+            "the generator writes both: {s}"
+        );
+        let share = s["contradictory_share"].as_f64().unwrap();
+        assert!((share - contradictory as f64 / rows.len() as f64).abs() < 1e-12);
+    }
+    let worst = sources
+        .iter()
+        .map(|s| s["contradictory_share"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    let check = checks.iter().find(|c| c["name"] == "data_sources").unwrap();
+    let expected = if worst > 0.05 {
+        "alert"
+    } else if worst > 0.01 {
+        "warn"
+    } else {
+        "ok"
+    };
+    assert_eq!(check["status"], expected, "{check}");
+    assert!(check["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("statistics_health_test_overall_1 (days 0-"));
+    // `serve` runs no consumer, and says so rather than reporting no lag.
+    assert!(h["consumer_lag"].is_null());
+    assert!(checks.iter().all(|c| c["name"] != "consumer_lag"));
+    let not_reported = h["not_reported"].as_array().unwrap();
+    assert_eq!(not_reported.len(), 1);
+    assert!(not_reported[0]
+        .as_str()
+        .unwrap()
+        .starts_with("consumer lag per partition: this process runs no consumer"));
+
     // The list carries a summary per experiment.
     let list = server.ok("/v1/experiments");
     let e = &list["experiments"][0];
     assert_eq!(e["slug"], "health-test");
     assert_eq!(e["health"]["enrolled_total"].as_u64().unwrap(), total);
     assert_eq!(e["health"]["status"], h["status"]);
+    assert_eq!(&e["health"]["data_sources"], &ds["sources"]);
 
     let (status, body) = server.get("/v1/experiments/nope/health");
     assert_eq!(status, 404);
@@ -470,8 +526,61 @@ fn run_exposes_pipeline_counters_at_metrics_while_consuming() {
         );
         std::thread::sleep(std::time::Duration::from_millis(300));
     };
+    // Health carries the consumer's lag per assigned partition (2 topics x 2), with a check.
+    let health = loop {
+        let h: Value = reqwest::blocking::get(format!("{base}/v1/experiments/health-test/health"))
+            .unwrap()
+            .json()
+            .unwrap();
+        if h["consumer_lag"]["partitions"].as_array().map(Vec::len) == Some(4) {
+            break h;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no lag for 4 partitions within 60 s: {}",
+            h["consumer_lag"]
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    let metrics_text = reqwest::blocking::get(format!("{base}/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
     let _ = child.kill();
     let _ = child.wait();
+    let lag = &health["consumer_lag"];
+    assert!(
+        lag["measured_at"].as_str().unwrap().starts_with("20"),
+        "{lag}"
+    );
+    let parts = lag["partitions"].as_array().unwrap();
+    let sum: i64 = parts
+        .iter()
+        .map(|p| p["lag_messages"].as_i64().unwrap())
+        .sum();
+    assert_eq!(lag["total_messages"].as_i64().unwrap(), sum);
+    let gauges = samples(&metrics_text);
+    for p in parts {
+        assert!(p["lag_messages"].as_i64().unwrap() >= 0);
+        let key = format!(
+            "slipstream_consumer_lag_messages{{partition=\"{}\",topic=\"{}\"}}",
+            p["partition"],
+            p["topic"].as_str().unwrap()
+        );
+        assert!(gauges.contains_key(&key), "{key} not in /metrics");
+    }
+    let check = health["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "consumer_lag")
+        .expect("a consumer_lag check under run");
+    assert!(check["reason"]
+        .as_str()
+        .unwrap()
+        .contains("messages behind on 4 partitions"));
+    assert_eq!(check["status"], "ok", "{check}");
+    assert!(health["not_reported"].as_array().unwrap().is_empty());
     assert!(m["slipstream_events_folded_total"] > 1000.0, "{m:?}");
     assert!(m["slipstream_batch_commit_seconds_count"] >= 1.0, "{m:?}");
     assert!(m["slipstream_publish_attempts_total"] >= m["slipstream_tables_published_total"]);
