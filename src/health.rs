@@ -347,7 +347,27 @@ pub fn branch_dau(
     exp: &Experiment,
     date: chrono::NaiveDate,
 ) -> Result<Vec<BranchDau>, SketchError> {
-    let found = sketch::experiment_branches(sketch_cfg, store, &exp.slug, date, date)?;
+    Ok(branch_counts(sketch_cfg, store, exp, date, date)?
+        .into_iter()
+        .map(|(name, a)| BranchDau {
+            branch: name.to_string(),
+            estimate: a.estimate.round(),
+            standard_error: a.standard_error,
+            lower: a.lower,
+            upper: a.upper,
+        })
+        .collect())
+}
+
+/// Distinct clients per branch over `start..=end`, in config order (zero without activity).
+fn branch_counts<'e>(
+    sketch_cfg: &SketchConfig,
+    store: &Store,
+    exp: &'e Experiment,
+    start: chrono::NaiveDate,
+    end: chrono::NaiveDate,
+) -> Result<Vec<(&'e str, CountAnswer)>, SketchError> {
+    let found = sketch::experiment_branches(sketch_cfg, store, &exp.slug, start, end)?;
     Ok(exp
         .branches
         .iter()
@@ -357,15 +377,63 @@ pub fn branch_dau(
                 .find(|(n, _)| *n == b.name)
                 .map(|(_, a)| *a)
                 .unwrap_or(CountAnswer::new(0.0, 0.0));
-            BranchDau {
-                branch: b.name.clone(),
-                estimate: a.estimate.round(),
-                standard_error: a.standard_error,
-                lower: a.lower,
-                upper: a.upper,
-            }
+            (b.name.as_str(), a)
         })
         .collect())
+}
+
+/// Days of the MAU window: the 28 days ending at the date.
+pub const MAU_DAYS: u32 = 28;
+
+/// One day of a branch's engagement: distinct clients that day, over the 28 days ending
+/// that day (both by the branch their telemetry reported), and their ratio.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BranchActivity {
+    pub branch: String,
+    pub dau: CountAnswer,
+    pub mau: CountAnswer,
+    /// DAU/MAU with its delta-method interval; None while MAU is zero.
+    pub dau_per_mau: Option<CountAnswer>,
+}
+
+/// DAU, MAU and DAU/MAU per branch (config order) for every date of `start..=end`, from the
+/// per-branch HyperLogLog sketches. The MAU window is shortened to `max_query_days` when
+/// that is set below 28.
+pub fn branch_activity(
+    sketch_cfg: &SketchConfig,
+    store: &Store,
+    exp: &Experiment,
+    start: chrono::NaiveDate,
+    end: chrono::NaiveDate,
+) -> Result<Vec<(chrono::NaiveDate, Vec<BranchActivity>)>, SketchError> {
+    let window = MAU_DAYS.min(sketch_cfg.max_range_days).max(1);
+    let mut out = Vec::new();
+    let mut date = start;
+    while date <= end {
+        let first = date - chrono::Days::new(u64::from(window - 1));
+        let dau = branch_counts(sketch_cfg, store, exp, date, date)?;
+        let mau = branch_counts(sketch_cfg, store, exp, first, date)?;
+        let day = dau
+            .into_iter()
+            .zip(mau)
+            .map(|((name, d), (_, m))| BranchActivity {
+                branch: name.to_string(),
+                dau_per_mau: d.ratio(&m),
+                // Counts are whole clients, as the counting endpoints answer them.
+                dau: CountAnswer {
+                    estimate: d.estimate.round(),
+                    ..d
+                },
+                mau: CountAnswer {
+                    estimate: m.estimate.round(),
+                    ..m
+                },
+            })
+            .collect();
+        out.push((date, day));
+        date = date + chrono::Days::new(1);
+    }
+    Ok(out)
 }
 
 /// The whole health report of one experiment.

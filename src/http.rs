@@ -700,7 +700,8 @@ async fn index_page(State(api): State<Arc<Api>>) -> Result<Html<String>, ApiErro
     .await
 }
 
-/// The results page of one experiment: statistics, uplift, enrollment, DAU, windows.
+/// The results page of one experiment: statistics, uplift, enrollment, DAU, MAU and
+/// DAU/MAU, windows.
 async fn experiment_page(
     State(api): State<Arc<Api>>,
     Path(slug): Path<String>,
@@ -719,26 +720,25 @@ async fn experiment_page(
                 .unwrap_or(crate::config::Period::Overall)
         };
         let rows = health::statistics_rows(&api.store, exp, period, &[]).map_err(internal)?;
-        // DAU from enrollment start to the newest event (or today), within the end date.
+        // DAU and MAU from enrollment start to the newest event (or today), within the
+        // end date, at most `max_query_days` of them.
         let newest = live
             .event_times
             .newest()
             .map(|t| t.day().date())
             .unwrap_or_else(|| chrono::Utc::now().date_naive());
-        let last = newest.min(exp.end_date);
-        let mut dau = Vec::new();
-        let mut d = exp.enrollment_start;
-        while d <= last && dau.len() < api.sketch.max_range_days as usize {
-            dau.push((d, health::branch_dau(&api.sketch, &api.store, exp, d)?));
-            d = d + chrono::Days::new(1);
-        }
+        let longest = exp.enrollment_start
+            + chrono::Days::new(u64::from(api.sketch.max_range_days.saturating_sub(1)));
+        let last = newest.min(exp.end_date).min(longest);
+        let activity =
+            health::branch_activity(&api.sketch, &api.store, exp, exp.enrollment_start, last)?;
         Ok(Html(crate::web::experiment_page(
             &crate::web::ExperimentPage {
                 exp,
                 health: &h,
                 period,
                 rows: &rows,
-                dau: &dau,
+                activity: &activity,
             },
         )))
     })
