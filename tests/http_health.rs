@@ -379,6 +379,20 @@ fn metrics_expose_state_counters_in_prometheus_text() {
     assert!(!text.contains("c-0"), "no client id in metrics");
 }
 
+/// `slipstream probe ARGS` against a server; (exit code, stdout).
+fn probe(args: &[&str], token: Option<&str>) -> (i32, String) {
+    let mut cmd = Command::new(bin());
+    cmd.arg("probe").args(args).env_remove("SLIPSTREAM_TOKEN");
+    if let Some(t) = token {
+        cmd.env("SLIPSTREAM_TOKEN", t);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 #[test]
 fn a_token_protects_everything_but_healthz() {
     let dir = tempfile::tempdir().unwrap();
@@ -398,10 +412,10 @@ fn a_token_protects_everything_but_healthz() {
     ]);
     let token = "s3cret-token-value";
     let server = Server::start(&cfg, &state, Some(token));
-    // The probes stay open: a kubelet cannot send a secret, and they reveal nothing.
+    // Liveness stays open: it says only that the process answers.
     assert_eq!(server.raw("/healthz", None).0, 200);
-    assert_eq!(server.raw("/readyz", None).0, 200);
     for path in [
+        "/readyz",
         "/metrics",
         "/v1/experiments",
         "/v1/dau?date=2026-11-02",
@@ -429,10 +443,100 @@ fn a_token_protects_everything_but_healthz() {
             .0,
         200
     );
+    // The exec probe sends the token from the same environment; liveness needs none.
+    let url = server.base.clone();
+    let url = url.as_str();
+    assert_eq!(probe(&["--ready", "--url", url], Some(token)).0, 0);
+    let (code, out) = probe(&["--ready", "--url", url], None);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("401"), "{out}");
+    assert_eq!(probe(&["--live", "--url", url], None).0, 0);
     // Without the variable the server is open (it binds loopback by default).
     drop(server);
     let open = Server::start(&cfg, &state, None);
     assert_eq!(open.raw("/v1/experiments", None).0, 200);
+    assert_eq!(open.raw("/readyz", None).0, 200);
+    drop(open);
+    let (code, out) = probe(&["--ready", "--url", url], None);
+    assert_eq!(code, 1, "nothing listens any more: {out}");
+}
+
+#[test]
+fn the_token_can_come_from_a_file_named_in_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write(dir.path(), "token", "from-the-file-0123\n");
+    let with_file = |file: &Path| {
+        CONFIG.replacen(
+            "[pipeline]",
+            &format!("[pipeline]\ntoken_file = {:?}", p(file)),
+            1,
+        )
+    };
+    let cfg = write(dir.path(), "c.toml", &with_file(&secret));
+    let events = write(dir.path(), "e.ndjson", "");
+    let state = dir.path().join("state");
+    slipstream(&[
+        "replay",
+        "--config",
+        p(&cfg),
+        "--input",
+        p(&events),
+        "--data-dir",
+        p(&state),
+        "--out",
+        p(&dir.path().join("out")),
+    ]);
+    let server = Server::start(&cfg, &state, None);
+    assert_eq!(server.raw("/healthz", None).0, 200);
+    assert_eq!(server.raw("/readyz", None).0, 401);
+    assert_eq!(server.raw("/readyz", Some("from-the-file-0123")).0, 200);
+    assert_eq!(server.raw("/v1/experiments", None).0, 401);
+    assert_eq!(
+        server.raw("/v1/experiments", Some("from-the-file-0123")).0,
+        200
+    );
+    let url = server.base.clone();
+    // The probe finds the same file through the config.
+    assert_eq!(
+        probe(&["--ready", "--url", &url, "--config", p(&cfg)], None).0,
+        0
+    );
+    assert_eq!(probe(&["--ready", "--url", &url], None).0, 1);
+    drop(server);
+
+    // The environment wins over the file (for the server and the probe alike).
+    let server = Server::start(&cfg, &state, Some("from-the-env"));
+    assert_eq!(server.raw("/readyz", Some("from-the-file-0123")).0, 401);
+    assert_eq!(server.raw("/readyz", Some("from-the-env")).0, 200);
+    let url = server.base.clone();
+    let args = ["--ready", "--url", url.as_str(), "--config", p(&cfg)];
+    assert_eq!(probe(&args, Some("from-the-env")).0, 0);
+    drop(server);
+
+    // check-config names the field and what is wrong with the file.
+    let empty = write(dir.path(), "empty", " \n");
+    let spaced = write(dir.path(), "spaced", "two words\n");
+    for (file, needle) in [
+        (dir.path().join("missing"), "cannot read"),
+        (empty, "is empty"),
+        (spaced, "inside the token"),
+        (
+            Path::new("relative/token").to_path_buf(),
+            "expected an absolute path",
+        ),
+    ] {
+        let bad = write(dir.path(), "bad.toml", &with_file(&file));
+        let out = Command::new(bin())
+            .args(["check-config", p(&bad)])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("pipeline.token_file") && err.contains(needle),
+            "{err}"
+        );
+    }
 }
 
 /// `run --listen` exposes the running pipeline's counters next to the stored ones.
