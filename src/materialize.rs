@@ -393,6 +393,7 @@ pub fn build(
     let specs = metric_specs(exp);
     let branches: Vec<String> = exp.branches.iter().map(|b| b.name.clone()).collect();
     let segments: Vec<String> = exp.segments.iter().map(|s| s.name.clone()).collect();
+    let sources = exp.data_sources();
     let opts = StatsOptions {
         replicates: pipeline.replicates,
         seed: exp.seed,
@@ -403,7 +404,6 @@ pub fn build(
     if due.enrollments {
         out.push(enrollments);
     }
-    let sources = exp.data_sources();
     let mut aggregates = aggregates.into_iter();
     for (wi, w) in due.windows.iter().enumerate() {
         let mut stat_rows = Vec::new();
