@@ -85,6 +85,9 @@ pub struct PipelineConfig {
     pub kafka: KafkaConfig,
     /// Publish to BigQuery instead of local files (the `--bigquery` flags override it).
     pub bigquery: Option<BigQuerySettings>,
+    /// A file holding the HTTP API's bearer token (absolute path; `SLIPSTREAM_TOKEN` wins).
+    /// A path rather than the token, so the secret stays out of the config.
+    pub token_file: Option<PathBuf>,
 }
 
 /// Where and how to publish to BigQuery.
@@ -131,6 +134,7 @@ impl Default for PipelineConfig {
             finalize_min_interval_secs: 60,
             kafka: KafkaConfig::default(),
             bigquery: None,
+            token_file: None,
         }
     }
 }
@@ -673,6 +677,9 @@ fn validate_pipeline(file: &Path, p: &PipelineConfig, problems: &mut Vec<ConfigP
                 format!("`{d}` is empty or repeated; expected distinct names"),
             ));
         }
+    }
+    if let Some(Err(e)) = p.token_file.as_deref().map(crate::http::read_token_file) {
+        problems.push(problem(file, "pipeline.token_file", e));
     }
 }
 

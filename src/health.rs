@@ -3,12 +3,16 @@
 //! Plain functions over [`Store`]: enrollment, exposure and unenrollment counts per branch
 //! (scanned from the enrollment records), the sample ratio mismatch test, the state of every
 //! analysis window (from the publication records and the watermark), live DAU per branch
-//! and event-time lag. Each finding becomes a [`Check`] with a status and a one-line reason.
-//! Everything here is aggregate: no function returns a client id.
+//! event-time lag, consumer lag per partition (from the running consumer) and, per data
+//! source, the clients with contradictory branches or untagged data. Each finding becomes a
+//! [`Check`] with a status and a one-line reason. Everything here is aggregate: no function
+//! returns a client id.
 //!
 //! The published statistics rows are kept in sled under `S<slug>\0<table>` (one NDJSON
 //! document per table, the columns of DESIGN.md section 5), written by the pipeline after
 //! the sink confirmed the table; [`statistics_rows`] reads them back as the views would.
+//! The same write stores the window's per-data-source flag counts under `Q<slug>\0<table>`
+//! (counted while its aggregate rows were built, so health never rescans clients).
 
 use std::collections::BTreeMap;
 
@@ -21,7 +25,7 @@ use serde_json::Value;
 
 use crate::config::{Config, Experiment, Period};
 use crate::event::{Day, RejectReason, Timestamp};
-use crate::publish::{local::write_row, TableData};
+use crate::publish::{local::write_row, DataSourceFlags, TableData, TableKind};
 use crate::sketch::{self, CountAnswer, SketchConfig, SketchError};
 use crate::state::{PublishedRecord, StateError, Store};
 use crate::stats::srm::{sample_ratio_mismatch, Srm};
@@ -32,6 +36,21 @@ pub const SRM_ALERT_P: f64 = 0.001;
 
 /// Unenrolled share of enrolled clients above which the unenrollment check warns.
 const UNENROLLED_WARN_SHARE: f64 = 0.05;
+
+/// Share of a window's clients with a contradictory branch (in any data source) above
+/// which the data source check warns, and above which it alerts: a few clients switching
+/// branches is normal noise, more means tagging or enrollment is broken.
+pub const CONTRADICTORY_WARN_SHARE: f64 = 0.01;
+pub const CONTRADICTORY_ALERT_SHARE: f64 = 0.05;
+
+/// Total consumer lag (messages, all partitions) up to which the consumer counts as caught
+/// up, and up to which it only warns (about 1 s and 10 s of folding at the measured
+/// ~100,000 events/s); beyond, it alerts.
+pub const CONSUMER_LAG_OK_MESSAGES: i64 = 100_000;
+pub const CONSUMER_LAG_WARN_MESSAGES: i64 = 1_000_000;
+
+/// A lag measurement older than this warns: the consume loop is stuck or busy.
+const CONSUMER_LAG_STALE_MICROS: i64 = 300_000_000;
 
 /// Event-time lag (micros) up to which the stream counts as live.
 const LAG_OK_MICROS: i64 = 3_600_000_000;
@@ -328,7 +347,27 @@ pub fn branch_dau(
     exp: &Experiment,
     date: chrono::NaiveDate,
 ) -> Result<Vec<BranchDau>, SketchError> {
-    let found = sketch::experiment_branches(sketch_cfg, store, &exp.slug, date, date)?;
+    Ok(branch_counts(sketch_cfg, store, exp, date, date)?
+        .into_iter()
+        .map(|(name, a)| BranchDau {
+            branch: name.to_string(),
+            estimate: a.estimate.round(),
+            standard_error: a.standard_error,
+            lower: a.lower,
+            upper: a.upper,
+        })
+        .collect())
+}
+
+/// Distinct clients per branch over `start..=end`, in config order (zero without activity).
+fn branch_counts<'e>(
+    sketch_cfg: &SketchConfig,
+    store: &Store,
+    exp: &'e Experiment,
+    start: chrono::NaiveDate,
+    end: chrono::NaiveDate,
+) -> Result<Vec<(&'e str, CountAnswer)>, SketchError> {
+    let found = sketch::experiment_branches(sketch_cfg, store, &exp.slug, start, end)?;
     Ok(exp
         .branches
         .iter()
@@ -338,15 +377,63 @@ pub fn branch_dau(
                 .find(|(n, _)| *n == b.name)
                 .map(|(_, a)| *a)
                 .unwrap_or(CountAnswer::new(0.0, 0.0));
-            BranchDau {
-                branch: b.name.clone(),
-                estimate: a.estimate.round(),
-                standard_error: a.standard_error,
-                lower: a.lower,
-                upper: a.upper,
-            }
+            (b.name.as_str(), a)
         })
         .collect())
+}
+
+/// Days of the MAU window: the 28 days ending at the date.
+pub const MAU_DAYS: u32 = 28;
+
+/// One day of a branch's engagement: distinct clients that day, over the 28 days ending
+/// that day (both by the branch their telemetry reported), and their ratio.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BranchActivity {
+    pub branch: String,
+    pub dau: CountAnswer,
+    pub mau: CountAnswer,
+    /// DAU/MAU with its delta-method interval; None while MAU is zero.
+    pub dau_per_mau: Option<CountAnswer>,
+}
+
+/// DAU, MAU and DAU/MAU per branch (config order) for every date of `start..=end`, from the
+/// per-branch HyperLogLog sketches. The MAU window is shortened to `max_query_days` when
+/// that is set below 28.
+pub fn branch_activity(
+    sketch_cfg: &SketchConfig,
+    store: &Store,
+    exp: &Experiment,
+    start: chrono::NaiveDate,
+    end: chrono::NaiveDate,
+) -> Result<Vec<(chrono::NaiveDate, Vec<BranchActivity>)>, SketchError> {
+    let window = MAU_DAYS.min(sketch_cfg.max_range_days).max(1);
+    let mut out = Vec::new();
+    let mut date = start;
+    while date <= end {
+        let first = date - chrono::Days::new(u64::from(window - 1));
+        let dau = branch_counts(sketch_cfg, store, exp, date, date)?;
+        let mau = branch_counts(sketch_cfg, store, exp, first, date)?;
+        let day = dau
+            .into_iter()
+            .zip(mau)
+            .map(|((name, d), (_, m))| BranchActivity {
+                branch: name.to_string(),
+                dau_per_mau: d.ratio(&m),
+                // Counts are whole clients, as the counting endpoints answer them.
+                dau: CountAnswer {
+                    estimate: d.estimate.round(),
+                    ..d
+                },
+                mau: CountAnswer {
+                    estimate: m.estimate.round(),
+                    ..m
+                },
+            })
+            .collect();
+        out.push((date, day));
+        date = date + chrono::Days::new(1);
+    }
+    Ok(out)
 }
 
 /// The whole health report of one experiment.
@@ -368,7 +455,13 @@ pub struct Health {
     /// Live DAU per branch on the newest event's date.
     pub dau_date: Option<String>,
     pub dau: Vec<BranchDau>,
-    /// What this report does not cover yet, so nobody reads its absence as "fine".
+    /// Clients with contradictory branches and untagged data per data source, from the
+    /// latest published window that has the counts (None before any).
+    pub data_sources: Option<DataSourceReport>,
+    /// Messages behind per partition, from the consumer of this process (None under
+    /// `serve`, which runs none; see `not_reported`).
+    pub consumer_lag: Option<ConsumerLag>,
+    /// What this report does not cover, so nobody reads its absence as "fine".
     pub not_reported: Vec<&'static str>,
 }
 
@@ -377,6 +470,115 @@ pub struct Live {
     pub now_micros: i64,
     pub event_times: EventTimes,
     pub allowed_lateness_hours: u32,
+    /// The running consumer's last lag measurement (None: this process runs no consumer).
+    pub consumer_lag: Option<ConsumerLag>,
+}
+
+/// One data source's flag counts in one analysis basis, with the shares of clients.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DataSourceCounts {
+    #[serde(flatten)]
+    pub counts: DataSourceFlags,
+    /// `contradictory_branch / clients` (0 without clients).
+    pub contradictory_share: f64,
+    /// `non_enrolled_data / clients` (0 without clients).
+    pub non_enrolled_share: f64,
+}
+
+impl DataSourceCounts {
+    fn new(counts: DataSourceFlags) -> Self {
+        let share = |n: u64| {
+            if counts.clients > 0 {
+                n as f64 / counts.clients as f64
+            } else {
+                0.0
+            }
+        };
+        DataSourceCounts {
+            contradictory_share: share(counts.contradictory_branch),
+            non_enrolled_share: share(counts.non_enrolled_data),
+            counts,
+        }
+    }
+}
+
+/// The per-data-source counts of one published window.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DataSourceReport {
+    /// The window's statistics table, and its span in days after enrollment.
+    pub table: String,
+    pub period: &'static str,
+    pub index: u32,
+    pub start: u32,
+    pub end: u32,
+    pub published_at: Option<String>,
+    /// One entry per (analysis basis, data source).
+    pub sources: Vec<DataSourceCounts>,
+}
+
+/// The sled key of a published window's per-data-source flag counts.
+pub fn data_sources_key(slug: &str, table: &str) -> Vec<u8> {
+    [b"Q", slug.as_bytes(), b"\0", table.as_bytes()].concat()
+}
+
+/// The counts of the latest window of the longest period published so far (say the
+/// overall window once out, else the newest week): the widest recent view. Windows
+/// published before the counts existed have none until their next publication.
+pub fn data_source_report(
+    store: &Store,
+    exp: &Experiment,
+    published: &BTreeMap<String, PublishedRecord>,
+) -> Result<Option<DataSourceReport>, StateError> {
+    let mut candidates: Vec<(Window, String, i64)> = window::windows(exp)
+        .into_iter()
+        .filter_map(|w| {
+            let table = w.statistics_table(exp);
+            let at = published.get(&table).map(|r| r.published_at)?;
+            (at > 0).then_some((w, table, at))
+        })
+        .collect();
+    candidates.sort_by_key(|(w, _, _)| std::cmp::Reverse((w.period, w.index)));
+    for (w, table, at) in candidates {
+        let key = data_sources_key(&exp.slug, &table);
+        let Some(bytes) = store.get_raw(&key)? else {
+            continue;
+        };
+        let flags: Vec<DataSourceFlags> =
+            serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                detail: e.to_string(),
+            })?;
+        return Ok(Some(DataSourceReport {
+            table,
+            period: w.period.view_name(),
+            index: w.index,
+            start: w.start,
+            end: w.end,
+            published_at: Some(rfc3339(at)),
+            sources: flags.into_iter().map(DataSourceCounts::new).collect(),
+        }));
+    }
+    Ok(None)
+}
+
+/// Messages behind the high watermark on one assigned partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: i32,
+    pub lag_messages: i64,
+}
+
+/// The running consumer's lag, as last measured (every few seconds by `run`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ConsumerLag {
+    /// When (RFC 3339); None until the first measurement.
+    pub measured_at: Option<String>,
+    #[serde(skip)]
+    pub measured_micros: Option<i64>,
+    pub total_messages: i64,
+    /// Assigned partitions at the measurement, by topic and partition.
+    pub partitions: Vec<PartitionLag>,
 }
 
 /// Turns the findings into checks (pure: unit-tested with exact reasons).
@@ -385,6 +587,7 @@ pub fn checks(
     summary: &EnrollmentSummary,
     srm: Option<&SrmVerdict>,
     windows: &[WindowState],
+    data_sources: Option<&DataSourceReport>,
     live: &Live,
 ) -> Vec<Check> {
     let mut out = Vec::new();
@@ -474,6 +677,10 @@ pub fn checks(
         ),
     });
     out.push(windows_check(windows));
+    out.push(data_sources_check(data_sources));
+    if let Some(lag) = &live.consumer_lag {
+        out.push(consumer_lag_check(lag, live.now_micros));
+    }
     let newest = live.event_times.newest();
     out.push(match newest {
         None => Check {
@@ -517,6 +724,122 @@ fn counts(summary: &EnrollmentSummary) -> String {
         .map(|b| format!("{} {}", b.branch, b.enrolled))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+fn percent(share: f64) -> String {
+    format!("{:.1}%", 100.0 * share)
+}
+
+/// Warns or alerts on the worst share of contradictory clients over data sources and
+/// bases. Untagged data is reported but does not raise the status: clients that unenrolled
+/// or whose pings lost the annotation send it legitimately (Jetstream only reports it too).
+fn data_sources_check(report: Option<&DataSourceReport>) -> Check {
+    let thresholds = format!(
+        "warns above {:.0}%, alerts above {:.0}% contradictory",
+        100.0 * CONTRADICTORY_WARN_SHARE,
+        100.0 * CONTRADICTORY_ALERT_SHARE
+    );
+    let Some(r) = report else {
+        return Check {
+            name: "data_sources",
+            status: Status::Ok,
+            reason: "no published window has per-data-source counts yet; they are counted when a window's statistics publish".into(),
+        };
+    };
+    let by =
+        |f: fn(&DataSourceCounts) -> f64| r.sources.iter().max_by(|a, b| f(a).total_cmp(&f(b)));
+    let (Some(worst), Some(untagged)) =
+        (by(|c| c.contradictory_share), by(|c| c.non_enrolled_share))
+    else {
+        return Check {
+            name: "data_sources",
+            status: Status::Ok,
+            reason: format!("{}: no data source configured", r.table),
+        };
+    };
+    let status = if worst.contradictory_share > CONTRADICTORY_ALERT_SHARE {
+        Status::Alert
+    } else if worst.contradictory_share > CONTRADICTORY_WARN_SHARE {
+        Status::Warn
+    } else {
+        Status::Ok
+    };
+    let c = &worst.counts;
+    let u = &untagged.counts;
+    Check {
+        name: "data_sources",
+        status,
+        reason: format!(
+            "{} (days {}-{}): {} of {} clients ({}) reported a contradictory branch in `{}` ({} basis; {thresholds}); most untagged: {} clients ({}) in `{}` ({} basis)",
+            r.table,
+            r.start,
+            r.end,
+            c.contradictory_branch,
+            c.clients,
+            percent(worst.contradictory_share),
+            c.data_source,
+            c.analysis_basis,
+            u.non_enrolled_data,
+            percent(untagged.non_enrolled_share),
+            u.data_source,
+            u.analysis_basis,
+        ),
+    }
+}
+
+/// Ok, warn or alert by the total lag; warns while nothing is measured or assigned, or
+/// when the last measurement is old.
+fn consumer_lag_check(lag: &ConsumerLag, now_micros: i64) -> Check {
+    let check = |status, reason| Check {
+        name: "consumer_lag",
+        status,
+        reason,
+    };
+    let Some(at) = lag.measured_micros else {
+        return check(
+            Status::Warn,
+            "not measured yet: the consumer has just started".into(),
+        );
+    };
+    if lag.partitions.is_empty() {
+        return check(
+            Status::Warn,
+            "no partition is assigned to this consumer (yet)".into(),
+        );
+    }
+    let age = now_micros - at;
+    if age > CONSUMER_LAG_STALE_MICROS {
+        return check(
+            Status::Warn,
+            format!(
+                "last measured {} s ago: the consume loop is stuck or busy publishing",
+                age / 1_000_000
+            ),
+        );
+    }
+    let worst = lag
+        .partitions
+        .iter()
+        .max_by_key(|p| p.lag_messages)
+        .expect("not empty");
+    let total = lag.total_messages;
+    let status = if total <= CONSUMER_LAG_OK_MESSAGES {
+        Status::Ok
+    } else if total <= CONSUMER_LAG_WARN_MESSAGES {
+        Status::Warn
+    } else {
+        Status::Alert
+    };
+    check(
+        status,
+        format!(
+            "{total} messages behind on {} partitions (most: {}/{} with {}); ok up to {CONSUMER_LAG_OK_MESSAGES}, alert above {CONSUMER_LAG_WARN_MESSAGES}",
+            lag.partitions.len(),
+            worst.topic,
+            worst.partition,
+            worst.lag_messages
+        ),
+    )
 }
 
 fn windows_check(windows: &[WindowState]) -> Check {
@@ -578,7 +901,15 @@ pub fn health(
         Some(d) => branch_dau(sketch_cfg, store, exp, d)?,
         None => Vec::new(),
     };
-    let checks = checks(exp, &summary, srm.as_ref(), &windows, live);
+    let data_sources = data_source_report(store, exp, &published)?;
+    let checks = checks(
+        exp,
+        &summary,
+        srm.as_ref(),
+        &windows,
+        data_sources.as_ref(),
+        live,
+    );
     Ok(Health {
         experiment: exp.slug.clone(),
         status: checks.iter().map(|c| c.status).max().unwrap_or(Status::Ok),
@@ -594,10 +925,13 @@ pub fn health(
         event_time_lag_seconds: newest.map(|t| (live.now_micros - t.0) as f64 / 1e6),
         dau_date: dau_date.map(|d| d.to_string()),
         dau,
-        not_reported: vec![
-            "clients with contradictory branches and untagged data per data source (counted only while materializing aggregate tables)",
-            "consumer lag per partition (known only to the running consumer)",
-        ],
+        data_sources,
+        consumer_lag: live.consumer_lag.clone(),
+        not_reported: if live.consumer_lag.is_some() {
+            vec![]
+        } else {
+            vec!["consumer lag per partition: this process runs no consumer (`slipstream serve`); `run --listen` reports it here and at /metrics"]
+        },
     })
 }
 
@@ -615,10 +949,15 @@ pub fn statistics_value(table: &TableData) -> Vec<u8> {
     out
 }
 
-/// Stores a published statistics table's rows (replacing the previous ones).
+/// Stores a published statistics table's rows (replacing the previous ones), and with them
+/// its window's per-data-source flag counts (JSON).
 pub fn store_statistics(store: &Store, slug: &str, table: &TableData) -> Result<(), StateError> {
     let mut batch = sled::Batch::default();
     batch.insert(statistics_key(slug, &table.name), statistics_value(table));
+    if let TableKind::Statistics { data_sources, .. } = &table.kind {
+        let json = serde_json::to_vec(data_sources).expect("plain structs serialize");
+        batch.insert(data_sources_key(slug, &table.name), json);
+    }
     store.apply(batch)
 }
 
@@ -689,8 +1028,11 @@ pub struct PipelineMetrics {
     pub publish_attempts: IntCounter,
     pub tables_published: IntCounter,
     pub publish_failures: IntCounterVec,
-    /// Messages behind the high watermark, per topic partition (set by the Kafka source).
+    /// Messages behind the high watermark, per topic partition (set by the Kafka source
+    /// through [`PipelineMetrics::record_consumer_lag`]).
     pub consumer_lag: IntGaugeVec,
+    /// The same measurement for the health report, with its time.
+    lag: std::sync::Mutex<ConsumerLag>,
     /// What `record_flush` saw last, to turn the fold's running totals into increments.
     seen: std::sync::Mutex<(u64, [u64; RejectReason::ALL.len()])>,
 }
@@ -770,8 +1112,40 @@ impl PipelineMetrics {
             tables_published,
             publish_failures,
             consumer_lag,
+            lag: Default::default(),
             seen: Default::default(),
         }
+    }
+
+    /// Records the consumer lag of the assigned partitions, (topic, partition, messages
+    /// behind), measured at `now_micros`: for `/metrics` and the health report.
+    pub fn record_consumer_lag(&self, lags: Vec<(String, i32, i64)>, now_micros: i64) {
+        let mut partitions: Vec<PartitionLag> = lags
+            .into_iter()
+            .map(|(topic, partition, lag)| PartitionLag {
+                topic,
+                partition,
+                lag_messages: lag.max(0),
+            })
+            .collect();
+        partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        for p in &partitions {
+            self.consumer_lag
+                .with_label_values(&[p.topic.as_str(), &p.partition.to_string()])
+                .set(p.lag_messages);
+        }
+        let mut lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
+        *lag = ConsumerLag {
+            measured_at: Some(rfc3339(now_micros)),
+            measured_micros: Some(now_micros),
+            total_messages: partitions.iter().map(|p| p.lag_messages).sum(),
+            partitions,
+        };
+    }
+
+    /// The last consumer lag measurement (empty before the first).
+    pub fn consumer_lag(&self) -> ConsumerLag {
+        self.lag.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Records a flush: the fold's running totals (folded, rejected) and its duration.
@@ -988,6 +1362,7 @@ mod tests {
             now_micros: now,
             event_times: EventTimes(newest.map(|t| ("t".into(), 0, t)).into_iter().collect()),
             allowed_lateness_hours: 24,
+            consumer_lag: None,
         }
     }
 
@@ -1003,13 +1378,13 @@ mod tests {
         let v = srm(&e, &s).unwrap();
         assert!(!v.mismatch);
         let now = micros("2026-11-05", 12);
-        let c = checks(&e, &s, Some(&v), &[], &live(now, Some(now)));
+        let c = checks(&e, &s, Some(&v), &[], None, &live(now, Some(now)));
         assert_eq!(find(&c, "sample_ratio").status, Status::Ok);
         // 600 vs 400: χ² = 40, p ≈ 2.5e-10.
         let s = summary([600, 400], [0, 0], [0, 0]);
         let v = srm(&e, &s).unwrap();
         assert!(v.mismatch && v.test.p_value < 1e-9);
-        let c = checks(&e, &s, Some(&v), &[], &live(now, Some(now)));
+        let c = checks(&e, &s, Some(&v), &[], None, &live(now, Some(now)));
         let check = find(&c, "sample_ratio");
         assert_eq!(check.status, Status::Alert);
         assert!(
@@ -1029,6 +1404,7 @@ mod tests {
             &s,
             None,
             &[],
+            None,
             &live(now, Some(now - 2 * MICROS_PER_HOUR)),
         );
         assert_eq!(find(&c, "event_time_lag").status, Status::Warn);
@@ -1043,15 +1419,135 @@ mod tests {
             &s,
             None,
             &[],
+            None,
             &live(now, Some(now - 30 * MICROS_PER_HOUR)),
         );
         assert_eq!(find(&c, "event_time_lag").status, Status::Alert);
-        let c = checks(&e, &s, None, &[], &live(now, None));
+        let c = checks(&e, &s, None, &[], None, &live(now, None));
         assert_eq!(find(&c, "event_time_lag").status, Status::Warn);
         // After the end date, lag no longer matters.
         let later = micros("2026-12-01", 0);
-        let c = checks(&e, &s, None, &[], &live(later, Some(now)));
+        let c = checks(&e, &s, None, &[], None, &live(later, Some(now)));
         assert_eq!(find(&c, "event_time_lag").status, Status::Ok);
+    }
+
+    fn report(flags: &[(&str, u64, u64, u64)]) -> DataSourceReport {
+        DataSourceReport {
+            table: "statistics_h_week_2".into(),
+            period: "weekly",
+            index: 2,
+            start: 7,
+            end: 13,
+            published_at: None,
+            sources: flags
+                .iter()
+                .map(|&(source, clients, c, n)| {
+                    DataSourceCounts::new(DataSourceFlags {
+                        analysis_basis: "enrollments".into(),
+                        data_source: source.into(),
+                        clients,
+                        contradictory_branch: c,
+                        non_enrolled_data: n,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn data_source_check_follows_the_worst_contradictory_share() {
+        assert_eq!(data_sources_check(None).status, Status::Ok);
+        // 10 of 1000 is 1.0%: not above the warning threshold.
+        let c = data_sources_check(Some(&report(&[
+            ("main", 1000, 10, 400),
+            ("events", 1000, 0, 0),
+        ])));
+        assert_eq!(c.status, Status::Ok, "{}", c.reason);
+        assert_eq!(
+            c.reason,
+            "statistics_h_week_2 (days 7-13): 10 of 1000 clients (1.0%) reported a contradictory branch in `main` (enrollments basis; warns above 1%, alerts above 5% contradictory); most untagged: 400 clients (40.0%) in `main` (enrollments basis)"
+        );
+        let c = data_sources_check(Some(&report(&[
+            ("main", 1000, 11, 0),
+            ("events", 1000, 30, 0),
+        ])));
+        assert_eq!(c.status, Status::Warn);
+        assert!(
+            c.reason
+                .contains("30 of 1000 clients (3.0%) reported a contradictory branch in `events`"),
+            "{}",
+            c.reason
+        );
+        let c = data_sources_check(Some(&report(&[("main", 1000, 51, 0)])));
+        assert_eq!(c.status, Status::Alert);
+        // Untagged data alone never raises the status; no clients is no share.
+        let c = data_sources_check(Some(&report(&[("main", 1000, 0, 1000), ("x", 0, 0, 0)])));
+        assert_eq!(c.status, Status::Ok);
+    }
+
+    #[test]
+    fn consumer_lag_check_by_total_lag_and_age() {
+        let m = PipelineMetrics::new();
+        let now = micros("2026-11-05", 12);
+        assert_eq!(
+            consumer_lag_check(&m.consumer_lag(), now).status,
+            Status::Warn
+        );
+        m.record_consumer_lag(vec![], now);
+        let c = consumer_lag_check(&m.consumer_lag(), now);
+        assert_eq!(
+            (c.status, c.reason.as_str()),
+            (
+                Status::Warn,
+                "no partition is assigned to this consumer (yet)"
+            )
+        );
+        m.record_consumer_lag(
+            vec![
+                ("tel".into(), 1, 60_000),
+                ("enr".into(), 0, 5),
+                ("tel".into(), 0, -3),
+            ],
+            now,
+        );
+        let lag = m.consumer_lag();
+        assert_eq!(lag.total_messages, 60_005);
+        assert_eq!(lag.measured_at.as_deref(), Some("2026-11-05T12:00:00Z"));
+        let order: Vec<(&str, i32, i64)> = lag
+            .partitions
+            .iter()
+            .map(|p| (p.topic.as_str(), p.partition, p.lag_messages))
+            .collect();
+        assert_eq!(order, [("enr", 0, 5), ("tel", 0, 0), ("tel", 1, 60_000)]);
+        let c = consumer_lag_check(&lag, now + 1_000_000);
+        assert_eq!(c.status, Status::Ok);
+        assert_eq!(
+            c.reason,
+            "60005 messages behind on 3 partitions (most: tel/1 with 60000); ok up to 100000, alert above 1000000"
+        );
+        assert_eq!(
+            m.consumer_lag.with_label_values(&["tel", "1"]).get(),
+            60_000
+        );
+        m.record_consumer_lag(vec![("tel".into(), 0, 500_000)], now);
+        assert_eq!(
+            consumer_lag_check(&m.consumer_lag(), now).status,
+            Status::Warn
+        );
+        m.record_consumer_lag(vec![("tel".into(), 0, 1_000_001)], now);
+        assert_eq!(
+            consumer_lag_check(&m.consumer_lag(), now).status,
+            Status::Alert
+        );
+        // A stale measurement warns whatever it said.
+        m.record_consumer_lag(vec![("tel".into(), 0, 0)], now);
+        let c = consumer_lag_check(&m.consumer_lag(), now + 301_000_000);
+        assert_eq!(c.status, Status::Warn);
+        assert!(
+            c.reason.starts_with("last measured 301 s ago"),
+            "{}",
+            c.reason
+        );
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //!
 //! Served by `run --listen ADDR` while consuming, and by `serve` over existing state. Every
 //! handler reads sled directly (on the blocking pool); answers are aggregates only.
-//! With `SLIPSTREAM_TOKEN` set, every endpoint but the probes (`/healthz`, `/readyz`, which
-//! reveal nothing and which a kubelet cannot send a secret to) wants `Authorization: Bearer`.
+//! With a bearer token configured (`SLIPSTREAM_TOKEN`, else `[pipeline] token_file`), every
+//! endpoint but the liveness probe `/healthz` wants `Authorization: Bearer`; a readiness
+//! probe sends it with `slipstream probe --ready` (an exec probe: a kubelet's HTTP probe
+//! cannot read a Secret).
 //! Requests are bounded: a query's date range is capped by `max_query_days`, parameters
 //! are validated before any sketch is read, and request bodies and times are limited.
 
@@ -53,8 +55,10 @@ pub struct FinalizeRequest {
 }
 
 impl Api {
-    pub fn new(store: Store, cfg: Arc<Config>) -> Arc<Api> {
-        Arc::new(Api::build(store, cfg, None))
+    /// The API over `store`, with the bearer token from [`bearer_token`]; fails when the
+    /// configured token file cannot be read.
+    pub fn new(store: Store, cfg: Arc<Config>) -> Result<Arc<Api>, String> {
+        Ok(Arc::new(Api::build(store, cfg, None)?))
     }
 
     /// An API that also exposes a running pipeline's counters at `/metrics`.
@@ -62,26 +66,26 @@ impl Api {
         store: Store,
         cfg: Arc<Config>,
         metrics: Arc<health::PipelineMetrics>,
-    ) -> Arc<Api> {
-        Arc::new(Api::build(store, cfg, Some(metrics)))
+    ) -> Result<Arc<Api>, String> {
+        Ok(Arc::new(Api::build(store, cfg, Some(metrics))?))
     }
 
     fn build(
         store: Store,
         cfg: Arc<Config>,
         pipeline: Option<Arc<health::PipelineMetrics>>,
-    ) -> Api {
+    ) -> Result<Api, String> {
         let sketch = cfg.pipeline.sketch_config();
-        Api {
+        Ok(Api {
+            token: bearer_token(&cfg.pipeline)?,
             store,
             cfg,
             sketch,
             ready: Arc::new(AtomicBool::new(false)),
-            token: std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()),
             pipeline,
             finalize: std::sync::OnceLock::new(),
             finalize_calls: std::sync::Mutex::new(std::collections::HashMap::new()),
-        }
+        })
     }
 
     /// The configured experiment `slug`, or a 404 that says so.
@@ -104,12 +108,57 @@ impl Api {
             now_micros: chrono::Utc::now().timestamp_micros(),
             event_times: EventTimes::read(&self.store).map_err(internal)?,
             allowed_lateness_hours: self.cfg.pipeline.allowed_lateness_hours,
+            consumer_lag: self.pipeline.as_ref().map(|p| p.consumer_lag()),
         })
     }
 }
 
-/// Environment variable holding the optional bearer token.
+/// Environment variable holding the optional bearer token (wins over `token_file`).
 pub const TOKEN_ENV: &str = "SLIPSTREAM_TOKEN";
+
+/// The bearer token the API requires, if any: `SLIPSTREAM_TOKEN` when set and not empty,
+/// else the contents of `[pipeline] token_file`. The server and `slipstream probe` both
+/// resolve it here, so they cannot disagree.
+pub fn bearer_token(cfg: &crate::config::PipelineConfig) -> Result<Option<String>, String> {
+    if let Some(t) = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()) {
+        return Ok(Some(t));
+    }
+    cfg.token_file
+        .as_deref()
+        .map(|p| read_token_file(p).map_err(|e| format!("pipeline.token_file: {e}")))
+        .transpose()
+}
+
+/// Reads a token file: one token of visible ASCII, surrounding whitespace (the trailing
+/// newline) ignored. Read once at start: restart the server after rotating it.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+    if !path.is_absolute() {
+        return Err(format!(
+            "{} is relative; expected an absolute path (the server and `slipstream probe` may run in different directories)",
+            path.display()
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read {}: {e}; expected a file holding the bearer token",
+            path.display()
+        )
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!(
+            "{} is empty; expected the bearer token (e.g. from `openssl rand -hex 32`)",
+            path.display()
+        ));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{} holds spaces, control or non-ASCII characters inside the token; expected one line of visible ASCII",
+            path.display()
+        ));
+    }
+    Ok(token.to_string())
+}
 
 /// An error answered as `{"error": "..."}` with a status.
 pub struct ApiError(StatusCode, String);
@@ -210,12 +259,13 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// Rejects requests without the bearer token, when one is configured (not the probes).
+/// Rejects requests without the bearer token, when one is configured (not `/healthz`,
+/// which says only that the process answers).
 async fn authorize(State(api): State<Arc<Api>>, req: HttpRequest, next: Next) -> Response {
     let Some(token) = &api.token else {
         return next.run(req).await;
     };
-    if matches!(req.uri().path(), "/healthz" | "/readyz") {
+    if req.uri().path() == "/healthz" {
         return next.run(req).await;
     }
     let given = req
@@ -228,7 +278,7 @@ async fn authorize(State(api): State<Arc<Api>>, req: HttpRequest, next: Next) ->
         _ => {
             let mut r = ApiError(
                 StatusCode::UNAUTHORIZED,
-                format!("missing or wrong bearer token; send `Authorization: Bearer <token>` with the token set in {TOKEN_ENV}"),
+                format!("missing or wrong bearer token; send `Authorization: Bearer <token>` with the token set in {TOKEN_ENV} or [pipeline] token_file (probes: `slipstream probe --ready`)"),
             )
             .into_response();
             r.headers_mut().insert(
@@ -540,7 +590,12 @@ async fn experiments(State(api): State<Arc<Api>>) -> ApiResult {
                 .iter()
                 .map(|e| {
                     let h = health::health(&api.store, &api.sketch, e, &live)?;
-                    Ok(json!({"status": h.status, "enrolled_total": h.enrolled_total}))
+                    let sources = h.data_sources.map(|r| r.sources).unwrap_or_default();
+                    Ok(json!({
+                        "status": h.status,
+                        "enrolled_total": h.enrolled_total,
+                        "data_sources": sources,
+                    }))
                 })
                 .collect::<Result<Vec<Value>, ApiError>>()
         }
@@ -694,7 +749,8 @@ async fn index_page(State(api): State<Arc<Api>>) -> Result<Html<String>, ApiErro
     .await
 }
 
-/// The results page of one experiment: statistics, uplift, enrollment, DAU, windows.
+/// The results page of one experiment: statistics, uplift, enrollment, DAU, MAU and
+/// DAU/MAU, windows.
 async fn experiment_page(
     State(api): State<Arc<Api>>,
     Path(slug): Path<String>,
@@ -713,26 +769,25 @@ async fn experiment_page(
                 .unwrap_or(crate::config::Period::Overall)
         };
         let rows = health::statistics_rows(&api.store, exp, period, &[]).map_err(internal)?;
-        // DAU from enrollment start to the newest event (or today), within the end date.
+        // DAU and MAU from enrollment start to the newest event (or today), within the
+        // end date, at most `max_query_days` of them.
         let newest = live
             .event_times
             .newest()
             .map(|t| t.day().date())
             .unwrap_or_else(|| chrono::Utc::now().date_naive());
-        let last = newest.min(exp.end_date);
-        let mut dau = Vec::new();
-        let mut d = exp.enrollment_start;
-        while d <= last && dau.len() < api.sketch.max_range_days as usize {
-            dau.push((d, health::branch_dau(&api.sketch, &api.store, exp, d)?));
-            d = d + chrono::Days::new(1);
-        }
+        let longest = exp.enrollment_start
+            + chrono::Days::new(u64::from(api.sketch.max_range_days.saturating_sub(1)));
+        let last = newest.min(exp.end_date).min(longest);
+        let activity =
+            health::branch_activity(&api.sketch, &api.store, exp, exp.enrollment_start, last)?;
         Ok(Html(crate::web::experiment_page(
             &crate::web::ExperimentPage {
                 exp,
                 health: &h,
                 period,
                 rows: &rows,
-                dau: &dau,
+                activity: &activity,
             },
         )))
     })

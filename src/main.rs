@@ -157,6 +157,27 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
     },
+    /// Ask a running server whether it is ready (`GET /readyz`, with the bearer token from
+    /// SLIPSTREAM_TOKEN or the config's [pipeline] token_file) or alive (`GET /healthz`);
+    /// exits 0 on 200, 1 otherwise. For Kubernetes exec probes.
+    #[command(group(clap::ArgGroup::new("probe").required(true).args(["ready", "live"])))]
+    Probe {
+        /// Probe readiness: `GET /readyz` (state open, partitions assigned).
+        #[arg(long)]
+        ready: bool,
+        /// Probe liveness: `GET /healthz` (no token needed).
+        #[arg(long)]
+        live: bool,
+        /// The server's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The server's config, for its [pipeline] token_file (SLIPSTREAM_TOKEN wins).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Give up after this long.
+        #[arg(long, default_value_t = 3)]
+        timeout_secs: u64,
+    },
     /// Fold an NDJSON event file into state and publish windows as they complete.
     Replay {
         #[arg(long)]
@@ -486,7 +507,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let cfg = Arc::new(load_config(&config)?);
             let store = Store::open(&data_dir, &cfg)?;
-            let api = slipstream::http::Api::new(store, cfg);
+            let api = slipstream::http::Api::new(store, cfg).map_err(anyhow::Error::msg)?;
             api.ready.store(true, std::sync::atomic::Ordering::Relaxed);
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
@@ -529,7 +550,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         pipeline.fold.store().clone(),
                         Arc::new(cfg.clone()),
                         pipeline.metrics.clone(),
-                    );
+                    )
+                    .map_err(anyhow::Error::msg)?;
                     opts.ready = Some(api.ready.clone());
                     let (finalize_tx, finalize_rx) = tokio::sync::mpsc::channel(4);
                     let _ = api.finalize.set(finalize_tx);
@@ -568,6 +590,54 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            })
+        }
+        Command::Probe {
+            ready,
+            live: _,
+            url,
+            config,
+            timeout_secs,
+        } => {
+            let pipeline = match &config {
+                Some(c) => load_config(c)?.pipeline,
+                None => Default::default(),
+            };
+            let token = if ready {
+                slipstream::http::bearer_token(&pipeline).map_err(anyhow::Error::msg)?
+            } else {
+                None
+            };
+            let path = if ready { "/readyz" } else { "/healthz" };
+            let url = format!("{}{path}", url.trim_end_matches('/'));
+            let timeout = std::time::Duration::from_secs(timeout_secs);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let answer = rt.block_on(async {
+                let client = reqwest::Client::builder().timeout(timeout).build()?;
+                let mut req = client.get(&url);
+                if let Some(t) = &token {
+                    req = req.bearer_auth(t);
+                }
+                let r = req.send().await?;
+                let status = r.status();
+                anyhow::Ok((status, r.text().await.unwrap_or_default()))
+            });
+            // One line, for the kubelet's event log.
+            Ok(match answer {
+                Ok((status, _)) if status.is_success() => {
+                    println!("{url}: {status}");
+                    ExitCode::SUCCESS
+                }
+                Ok((status, body)) => {
+                    println!("{url}: {status}: {}", body.trim());
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    println!("{url}: {e:#}");
+                    ExitCode::FAILURE
+                }
             })
         }
         Command::Replay {

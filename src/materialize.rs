@@ -11,7 +11,7 @@ use chrono::{Datelike, NaiveDate};
 use crate::aggregate::{aggregate_window, ExperimentPlan, WindowAggregate};
 use crate::config::{AnalysisBasis, Experiment, MetricValueType, PipelineConfig};
 use crate::event::{Day, Timestamp};
-use crate::publish::{Column, ColumnType, TableData, TableKind, Value};
+use crate::publish::{Column, ColumnType, DataSourceFlags, TableData, TableKind, Value};
 use crate::state::{StateError, Store};
 use crate::stats::{self, MetricSpec, MetricType, StatsOptions, WindowInput};
 use crate::window::{enrollments_table, statistics_view, Window};
@@ -317,6 +317,8 @@ struct Columns {
     branch: Vec<u16>,
     segment_bits: Vec<u64>,
     values: Vec<Vec<Option<f64>>>,
+    /// Clients with (a contradictory branch, untagged data) per data source.
+    flagged: Vec<(u64, u64)>,
 }
 
 fn date(d: Day) -> NaiveDate {
@@ -347,6 +349,7 @@ pub fn build(
             });
             columns.push(Columns {
                 values: vec![Vec::new(); exp.metrics.len()],
+                flagged: vec![(0, 0); exp.data_sources().len()],
                 ..Default::default()
             });
         }
@@ -473,6 +476,10 @@ pub fn build(
                 for (col, v) in c.values.iter_mut().zip(&agg.values) {
                     col.push(*v);
                 }
+                for (n, &(contradictory, non_enrolled)) in c.flagged.iter_mut().zip(&agg.flags) {
+                    n.0 += u64::from(contradictory);
+                    n.1 += u64::from(non_enrolled);
+                }
             }
         }
     }
@@ -480,6 +487,7 @@ pub fn build(
     let specs = metric_specs(exp);
     let branches: Vec<String> = exp.branches.iter().map(|b| b.name.clone()).collect();
     let segments: Vec<String> = exp.segments.iter().map(|s| s.name.clone()).collect();
+    let sources = exp.data_sources();
     let opts = StatsOptions {
         replicates: pipeline.replicates,
         seed: exp.seed,
@@ -497,8 +505,18 @@ pub fn build(
     let mut aggregates = aggregates.into_iter();
     for (wi, w) in due.windows.iter().enumerate() {
         let mut stat_rows = Vec::new();
+        let mut data_sources = Vec::new();
         for (bi, &basis) in bases.iter().enumerate() {
             let c = &columns[wi * bases.len() + bi];
+            for (source, &(contradictory, non_enrolled)) in sources.iter().zip(&c.flagged) {
+                data_sources.push(DataSourceFlags {
+                    analysis_basis: basis.name().into(),
+                    data_source: source.clone(),
+                    clients: c.client_hash.len() as u64,
+                    contradictory_branch: contradictory,
+                    non_enrolled_data: non_enrolled,
+                });
+            }
             let input = WindowInput {
                 analysis_basis: basis.name(),
                 branches: &branches,
@@ -517,6 +535,7 @@ pub fn build(
             kind: TableKind::Statistics {
                 view: statistics_view(exp, w.period),
                 window_index: w.index,
+                data_sources,
             },
             columns: statistics_schema(),
             rows: stat_rows.into_iter().map(statistic_row).collect(),

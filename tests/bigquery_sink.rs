@@ -354,6 +354,7 @@ fn statistics_week(index: u32, shift: f64) -> TableData {
         kind: TableKind::Statistics {
             view: "statistics_bug_1_slug_weekly".into(),
             window_index: index,
+            data_sources: vec![],
         },
         columns: statistics_columns(),
         rows,

@@ -16,9 +16,11 @@ use std::time::Duration;
 use slipstream::http::TOKEN_ENV;
 use yaml_rust2::{Yaml, YamlLoader};
 
-/// The routes the probes must use (src/http.rs) and the port the deployment listens on.
+/// The route the liveness probes must use (src/http.rs; open without the token), the
+/// readiness probe's command (`/readyz` wants the token, which only an exec probe can
+/// send without the secret in the manifest) and the port the deployment listens on.
 const LIVENESS_PATH: &str = "/healthz";
-const READINESS_PATH: &str = "/readyz";
+const READINESS_ARGS: [&str; 2] = ["probe", "--ready"];
 const HTTP_PORT: i64 = 8080;
 /// Cores of the machine the resources are sized for.
 const MAX_CPU_MILLIS: i64 = 2000;
@@ -313,6 +315,47 @@ fn check_configmap(docs: &[Doc], example: &str) -> Vec<String> {
     problems
 }
 
+/// The readiness probe's exec command: the binary by absolute path, `probe --ready`, and a
+/// loopback URL on the HTTP port.
+fn readiness_command(probe: &Yaml) -> Vec<String> {
+    strings(&probe["exec"]["command"])
+}
+
+fn check_readiness(id: &str, probe: &Yaml) -> Vec<String> {
+    if !probe["httpGet"].is_badvalue() {
+        return vec![format!(
+            "{id}: readinessProbe uses httpGet, which cannot send the token /readyz wants without the secret in the manifest; expected an exec probe running `slipstream probe --ready`"
+        )];
+    }
+    let cmd = readiness_command(probe);
+    let mut problems = Vec::new();
+    if !cmd
+        .first()
+        .is_some_and(|c| c.starts_with('/') && c.ends_with("/slipstream"))
+    {
+        problems.push(format!(
+            "{id}: readinessProbe exec command {cmd:?} does not start with the slipstream binary's absolute path"
+        ));
+    }
+    if cmd.get(1..3).is_none_or(|a| a != READINESS_ARGS) {
+        problems.push(format!(
+            "{id}: readinessProbe runs {cmd:?}, expected `slipstream {}`",
+            READINESS_ARGS.join(" ")
+        ));
+    }
+    let url = flag_value(&cmd, "--url").unwrap_or("");
+    let loopback = [
+        format!("http://127.0.0.1:{HTTP_PORT}"),
+        format!("http://localhost:{HTTP_PORT}"),
+    ];
+    if !loopback.iter().any(|l| url.trim_end_matches('/') == l) {
+        problems.push(format!(
+            "{id}: readinessProbe --url {url:?} is not the server on loopback port {HTTP_PORT}"
+        ));
+    }
+    problems
+}
+
 /// The StatefulSet with its Services: one replica, probes, ports, security, data volume.
 fn check_statefulset(docs: &[Doc], image_uid: Option<i64>) -> Vec<String> {
     let sts = match only(docs, "StatefulSet") {
@@ -361,25 +404,21 @@ fn check_statefulset(docs: &[Doc], image_uid: Option<i64>) -> Vec<String> {
     {
         problems.push(format!("{id}: no containerPort {HTTP_PORT}"));
     }
-    for (probe, path) in [
-        ("livenessProbe", LIVENESS_PATH),
-        ("readinessProbe", READINESS_PATH),
-    ] {
-        let get = &container[probe]["httpGet"];
-        if get.is_badvalue() {
-            problems.push(format!("{id}: no {probe} with httpGet"));
-            continue;
-        }
-        if get["path"].as_str() != Some(path) {
+    let get = &container["livenessProbe"]["httpGet"];
+    if get.is_badvalue() {
+        problems.push(format!("{id}: no livenessProbe with httpGet"));
+    } else {
+        if get["path"].as_str() != Some(LIVENESS_PATH) {
             problems.push(format!(
-                "{id}: {probe} path is {:?}, expected {path}",
+                "{id}: livenessProbe path is {:?}, expected {LIVENESS_PATH}",
                 get["path"].as_str()
             ));
         }
         if resolve_port(&get["port"], container) != Some(HTTP_PORT) {
-            problems.push(format!("{id}: {probe} port is not {HTTP_PORT}"));
+            problems.push(format!("{id}: livenessProbe port is not {HTTP_PORT}"));
         }
     }
+    problems.extend(check_readiness(&id, &container["readinessProbe"]));
     let startup = &container["startupProbe"]["httpGet"];
     if !startup.is_badvalue()
         && (startup["path"].as_str() != Some(LIVENESS_PATH)
@@ -760,6 +799,7 @@ fn exec_form(s: &str) -> Option<Vec<String>> {
 
 struct Image {
     uid: Option<i64>,
+    entrypoint: Vec<String>,
     cmd: Vec<String>,
 }
 
@@ -877,7 +917,15 @@ fn check_dockerfile(text: &str) -> (Vec<String>, Image) {
     {
         problems.push(format!("CMD --listen is not on port {HTTP_PORT}"));
     }
-    (problems, Image { uid, cmd })
+    let entrypoint = entrypoint.unwrap_or_default();
+    (
+        problems,
+        Image {
+            uid,
+            entrypoint,
+            cmd,
+        },
+    )
 }
 
 fn image() -> Image {
@@ -956,7 +1004,22 @@ fn the_binary_accepts_the_flags_the_deployment_passes() {
         "StatefulSet args {sts_args:?}"
     );
 
-    let cmd = image().cmd;
+    // The readiness probe runs the image's binary with flags `slipstream probe` accepts.
+    let image = image();
+    let probe =
+        readiness_command(&sts.yaml["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]);
+    assert_eq!(
+        probe.first(),
+        image.entrypoint.first(),
+        "the readiness probe's binary is not the image's ENTRYPOINT"
+    );
+    assert_eq!(
+        unknown_flags(&probe[1..]),
+        Vec::<String>::new(),
+        "readinessProbe {probe:?}"
+    );
+
+    let cmd = image.cmd;
     assert_eq!(
         unknown_flags(&cmd),
         Vec::<String>::new(),
@@ -1030,10 +1093,11 @@ fn http_get(addr: &str, path: &str) -> u16 {
         .unwrap_or_else(|| panic!("no HTTP status in {response:?}"))
 }
 
-/// The probe paths of the manifests are routes the real server answers, also when the API
-/// token is configured (kubelet probes send no token).
+/// The probes of the manifests pass against the real server with the API token configured:
+/// the httpGet ones on the open `/healthz` (kubelet sends no token), the readiness exec
+/// probe by sending the token from the environment it shares with the server.
 #[test]
-fn the_probe_paths_are_served() {
+fn the_probes_pass_with_the_token_in_force() {
     let docs = k8s_docs();
     let sts = only(&docs, "StatefulSet").unwrap();
     let container = &sts.yaml["spec"]["template"]["spec"]["containers"][0];
@@ -1074,11 +1138,13 @@ fn the_probe_paths_are_served() {
         .filter_map(|p| container[*p]["httpGet"]["path"].as_str())
         .map(|path| (path.to_string(), http_get(&addr, path)))
         .collect();
-    let protected = http_get(&addr, "/v1/experiments");
-    assert_eq!(
-        protected, 401,
-        "/v1/experiments without the token: the token should be in force"
-    );
+    for path in ["/v1/experiments", "/readyz"] {
+        assert_eq!(
+            http_get(&addr, path),
+            401,
+            "{path} without the token: the token should be in force"
+        );
+    }
     assert!(results.len() >= 2, "probes: {results:?}");
     for (path, status) in results {
         assert_eq!(
@@ -1086,6 +1152,28 @@ fn the_probe_paths_are_served() {
             "probe path {path} answered {status} to a request without token ({TOKEN_ENV} set)"
         );
     }
+    // The exec probe as the kubelet runs it, with this build's binary and the test port.
+    let cmd = readiness_command(&container["readinessProbe"]);
+    let run = |token: Option<&str>| {
+        let args: Vec<String> = cmd[1..]
+            .iter()
+            .map(|a| a.replace(&format!("127.0.0.1:{HTTP_PORT}"), &addr))
+            .collect();
+        let mut c = Command::new(bin());
+        c.args(&args).env_remove(TOKEN_ENV);
+        if let Some(t) = token {
+            c.env(TOKEN_ENV, t);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = run(Some(token));
+    assert!(ok, "readiness probe {cmd:?} failed with the token: {out}");
+    let (ok, out) = run(None);
+    assert!(!ok, "readiness probe passed without the token: {out}");
 }
 
 #[test]
@@ -1152,8 +1240,20 @@ fn broken_manifests_are_caught() {
         "livenessProbe path",
     );
     assert_caught(
-        &mutated(sts, "path: /readyz", "path: /healthz"),
-        "readinessProbe path",
+        &mutated(sts, "- --ready", "- --live"),
+        "readinessProbe runs",
+    );
+    assert_caught(
+        &mutated(sts, "- http://127.0.0.1:8080", "- http://slipstream:8080"),
+        "readinessProbe --url",
+    );
+    assert_caught(
+        &mutated(
+            sts,
+            "exec:\n              command:\n                - /usr/local/bin/slipstream\n                - probe\n                - --ready\n                - --url\n                - http://127.0.0.1:8080\n                - --timeout-secs\n                - \"2\"",
+            "httpGet:\n              path: /readyz\n              port: 8080",
+        ),
+        "cannot send the token",
     );
     assert_caught(
         &mutated(sts, "spec:\n  replicas: 1", "spec:\n  replicas: 2"),

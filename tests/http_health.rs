@@ -193,12 +193,68 @@ fn health_reports_enrollment_srm_windows_and_no_client_ids() {
     let windows_check = checks.iter().find(|c| c["name"] == "windows").unwrap();
     assert_eq!(windows_check["status"], "ok", "{windows_check}");
 
+    // Per data source: the flags of the latest window of the longest period, counted from
+    // its published aggregate tables (overall, as the replay ran past the end date).
+    let ds = &h["data_sources"];
+    assert_eq!(ds["table"], "statistics_health_test_overall_1", "{ds}");
+    assert_eq!(ds["period"], "overall");
+    let sources = ds["sources"].as_array().unwrap();
+    assert_eq!(
+        sources.len(),
+        1,
+        "one per basis (enrollments) and data source: {ds}"
+    );
+    for s in sources {
+        let basis = s["analysis_basis"].as_str().unwrap();
+        assert_eq!(s["data_source"], "main");
+        let rows = table(&out, &format!("health_test_{basis}_overall_1"));
+        let count = |col: &str| rows.iter().filter(|r| r[col] == true).count() as u64;
+        assert_eq!(s["clients"].as_u64().unwrap(), rows.len() as u64, "{basis}");
+        let contradictory = count("main_has_contradictory_branch");
+        let untagged = count("main_has_non_enrolled_data");
+        assert_eq!(s["contradictory_branch"].as_u64().unwrap(), contradictory);
+        assert_eq!(s["non_enrolled_data"].as_u64().unwrap(), untagged);
+        assert!(
+            contradictory > 0 && untagged > 0,
+            "the generator writes both: {s}"
+        );
+        let share = s["contradictory_share"].as_f64().unwrap();
+        assert!((share - contradictory as f64 / rows.len() as f64).abs() < 1e-12);
+    }
+    let worst = sources
+        .iter()
+        .map(|s| s["contradictory_share"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    let check = checks.iter().find(|c| c["name"] == "data_sources").unwrap();
+    let expected = if worst > 0.05 {
+        "alert"
+    } else if worst > 0.01 {
+        "warn"
+    } else {
+        "ok"
+    };
+    assert_eq!(check["status"], expected, "{check}");
+    assert!(check["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("statistics_health_test_overall_1 (days 0-"));
+    // `serve` runs no consumer, and says so rather than reporting no lag.
+    assert!(h["consumer_lag"].is_null());
+    assert!(checks.iter().all(|c| c["name"] != "consumer_lag"));
+    let not_reported = h["not_reported"].as_array().unwrap();
+    assert_eq!(not_reported.len(), 1);
+    assert!(not_reported[0]
+        .as_str()
+        .unwrap()
+        .starts_with("consumer lag per partition: this process runs no consumer"));
+
     // The list carries a summary per experiment.
     let list = server.ok("/v1/experiments");
     let e = &list["experiments"][0];
     assert_eq!(e["slug"], "health-test");
     assert_eq!(e["health"]["enrolled_total"].as_u64().unwrap(), total);
     assert_eq!(e["health"]["status"], h["status"]);
+    assert_eq!(&e["health"]["data_sources"], &ds["sources"]);
 
     let (status, body) = server.get("/v1/experiments/nope/health");
     assert_eq!(status, 404);
@@ -323,6 +379,20 @@ fn metrics_expose_state_counters_in_prometheus_text() {
     assert!(!text.contains("c-0"), "no client id in metrics");
 }
 
+/// `slipstream probe ARGS` against a server; (exit code, stdout).
+fn probe(args: &[&str], token: Option<&str>) -> (i32, String) {
+    let mut cmd = Command::new(bin());
+    cmd.arg("probe").args(args).env_remove("SLIPSTREAM_TOKEN");
+    if let Some(t) = token {
+        cmd.env("SLIPSTREAM_TOKEN", t);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 #[test]
 fn a_token_protects_everything_but_healthz() {
     let dir = tempfile::tempdir().unwrap();
@@ -342,10 +412,10 @@ fn a_token_protects_everything_but_healthz() {
     ]);
     let token = "s3cret-token-value";
     let server = Server::start(&cfg, &state, Some(token));
-    // The probes stay open: a kubelet cannot send a secret, and they reveal nothing.
+    // Liveness stays open: it says only that the process answers.
     assert_eq!(server.raw("/healthz", None).0, 200);
-    assert_eq!(server.raw("/readyz", None).0, 200);
     for path in [
+        "/readyz",
         "/metrics",
         "/v1/experiments",
         "/v1/dau?date=2026-11-02",
@@ -373,10 +443,100 @@ fn a_token_protects_everything_but_healthz() {
             .0,
         200
     );
+    // The exec probe sends the token from the same environment; liveness needs none.
+    let url = server.base.clone();
+    let url = url.as_str();
+    assert_eq!(probe(&["--ready", "--url", url], Some(token)).0, 0);
+    let (code, out) = probe(&["--ready", "--url", url], None);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("401"), "{out}");
+    assert_eq!(probe(&["--live", "--url", url], None).0, 0);
     // Without the variable the server is open (it binds loopback by default).
     drop(server);
     let open = Server::start(&cfg, &state, None);
     assert_eq!(open.raw("/v1/experiments", None).0, 200);
+    assert_eq!(open.raw("/readyz", None).0, 200);
+    drop(open);
+    let (code, out) = probe(&["--ready", "--url", url], None);
+    assert_eq!(code, 1, "nothing listens any more: {out}");
+}
+
+#[test]
+fn the_token_can_come_from_a_file_named_in_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write(dir.path(), "token", "from-the-file-0123\n");
+    let with_file = |file: &Path| {
+        CONFIG.replacen(
+            "[pipeline]",
+            &format!("[pipeline]\ntoken_file = {:?}", p(file)),
+            1,
+        )
+    };
+    let cfg = write(dir.path(), "c.toml", &with_file(&secret));
+    let events = write(dir.path(), "e.ndjson", "");
+    let state = dir.path().join("state");
+    slipstream(&[
+        "replay",
+        "--config",
+        p(&cfg),
+        "--input",
+        p(&events),
+        "--data-dir",
+        p(&state),
+        "--out",
+        p(&dir.path().join("out")),
+    ]);
+    let server = Server::start(&cfg, &state, None);
+    assert_eq!(server.raw("/healthz", None).0, 200);
+    assert_eq!(server.raw("/readyz", None).0, 401);
+    assert_eq!(server.raw("/readyz", Some("from-the-file-0123")).0, 200);
+    assert_eq!(server.raw("/v1/experiments", None).0, 401);
+    assert_eq!(
+        server.raw("/v1/experiments", Some("from-the-file-0123")).0,
+        200
+    );
+    let url = server.base.clone();
+    // The probe finds the same file through the config.
+    assert_eq!(
+        probe(&["--ready", "--url", &url, "--config", p(&cfg)], None).0,
+        0
+    );
+    assert_eq!(probe(&["--ready", "--url", &url], None).0, 1);
+    drop(server);
+
+    // The environment wins over the file (for the server and the probe alike).
+    let server = Server::start(&cfg, &state, Some("from-the-env"));
+    assert_eq!(server.raw("/readyz", Some("from-the-file-0123")).0, 401);
+    assert_eq!(server.raw("/readyz", Some("from-the-env")).0, 200);
+    let url = server.base.clone();
+    let args = ["--ready", "--url", url.as_str(), "--config", p(&cfg)];
+    assert_eq!(probe(&args, Some("from-the-env")).0, 0);
+    drop(server);
+
+    // check-config names the field and what is wrong with the file.
+    let empty = write(dir.path(), "empty", " \n");
+    let spaced = write(dir.path(), "spaced", "two words\n");
+    for (file, needle) in [
+        (dir.path().join("missing"), "cannot read"),
+        (empty, "is empty"),
+        (spaced, "inside the token"),
+        (
+            Path::new("relative/token").to_path_buf(),
+            "expected an absolute path",
+        ),
+    ] {
+        let bad = write(dir.path(), "bad.toml", &with_file(&file));
+        let out = Command::new(bin())
+            .args(["check-config", p(&bad)])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("pipeline.token_file") && err.contains(needle),
+            "{err}"
+        );
+    }
 }
 
 /// `run --listen` exposes the running pipeline's counters next to the stored ones.
@@ -470,8 +630,61 @@ fn run_exposes_pipeline_counters_at_metrics_while_consuming() {
         );
         std::thread::sleep(std::time::Duration::from_millis(300));
     };
+    // Health carries the consumer's lag per assigned partition (2 topics x 2), with a check.
+    let health = loop {
+        let h: Value = reqwest::blocking::get(format!("{base}/v1/experiments/health-test/health"))
+            .unwrap()
+            .json()
+            .unwrap();
+        if h["consumer_lag"]["partitions"].as_array().map(Vec::len) == Some(4) {
+            break h;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no lag for 4 partitions within 60 s: {}",
+            h["consumer_lag"]
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    let metrics_text = reqwest::blocking::get(format!("{base}/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
     let _ = child.kill();
     let _ = child.wait();
+    let lag = &health["consumer_lag"];
+    assert!(
+        lag["measured_at"].as_str().unwrap().starts_with("20"),
+        "{lag}"
+    );
+    let parts = lag["partitions"].as_array().unwrap();
+    let sum: i64 = parts
+        .iter()
+        .map(|p| p["lag_messages"].as_i64().unwrap())
+        .sum();
+    assert_eq!(lag["total_messages"].as_i64().unwrap(), sum);
+    let gauges = samples(&metrics_text);
+    for p in parts {
+        assert!(p["lag_messages"].as_i64().unwrap() >= 0);
+        let key = format!(
+            "slipstream_consumer_lag_messages{{partition=\"{}\",topic=\"{}\"}}",
+            p["partition"],
+            p["topic"].as_str().unwrap()
+        );
+        assert!(gauges.contains_key(&key), "{key} not in /metrics");
+    }
+    let check = health["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "consumer_lag")
+        .expect("a consumer_lag check under run");
+    assert!(check["reason"]
+        .as_str()
+        .unwrap()
+        .contains("messages behind on 4 partitions"));
+    assert_eq!(check["status"], "ok", "{check}");
+    assert!(health["not_reported"].as_array().unwrap().is_empty());
     assert!(m["slipstream_events_folded_total"] > 1000.0, "{m:?}");
     assert!(m["slipstream_batch_commit_seconds_count"] >= 1.0, "{m:?}");
     assert!(m["slipstream_publish_attempts_total"] >= m["slipstream_tables_published_total"]);

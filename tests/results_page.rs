@@ -108,6 +108,39 @@ fn the_results_page_draws_every_chart_in_chromium() {
     metrics.dedup();
     assert!(metrics.len() >= 3, "{metrics:?}");
 
+    // MAU per branch is the union of the branch's daily sketches over 28 days, so it is at
+    // least that day's DAU and grows while the experiment runs; DAU/MAU is their ratio.
+    let days = {
+        let config = slipstream::config::load(&cfg).unwrap();
+        let store = slipstream::state::Store::open(&state, &config).unwrap();
+        let exp = &config.experiments[0];
+        let sketch = config.pipeline.sketch_config();
+        let start = exp.enrollment_start;
+        let activity =
+            slipstream::health::branch_activity(&sketch, &store, exp, start, exp.end_date).unwrap();
+        assert_eq!(activity.len(), 20);
+        for (date, per) in &activity {
+            let first = *date - chrono::Days::new(27);
+            let direct =
+                slipstream::sketch::experiment_branches(&sketch, &store, &exp.slug, first, *date)
+                    .unwrap();
+            assert_eq!(per.len(), 2);
+            for a in per {
+                let (_, m) = direct.iter().find(|(b, _)| *b == a.branch).unwrap();
+                assert_eq!(a.mau.estimate, m.estimate.round(), "{date} {}", a.branch);
+                assert!(
+                    a.mau.estimate >= a.dau.estimate && a.dau.estimate > 0.0,
+                    "{date} {a:?}"
+                );
+                let r = a.dau_per_mau.unwrap();
+                assert!(r.estimate > 0.0 && r.estimate <= 1.0 + 1e-9, "{date} {r:?}");
+            }
+        }
+        let last = &activity.last().unwrap().1[0];
+        assert!(last.mau.estimate > activity[0].1[0].mau.estimate);
+        activity.len()
+    };
+
     let server = Server::start(&cfg, &state, None);
     let index = reqwest::blocking::get(format!("{}/", server.base))
         .unwrap()
@@ -115,7 +148,9 @@ fn the_results_page_draws_every_chart_in_chromium() {
         .unwrap();
     assert!(index.contains("href=\"/experiments/page-test\""), "{index}");
     let url = format!("{}/experiments/page-test", server.base);
+    let started = std::time::Instant::now();
     let html = reqwest::blocking::get(&url).unwrap();
+    eprintln!("results page rendered in {:?}", started.elapsed());
     assert_eq!(html.status().as_u16(), 200);
     let html = html.text().unwrap();
     assert!(!html.contains("c-0"), "no client id on the page");
@@ -148,8 +183,19 @@ fn the_results_page_draws_every_chart_in_chromium() {
         expect(&format!("uplift-{m}"), 1); // treatment vs control
     }
     expect("enrollment", 2);
-    expect("dau", 2);
-    assert_eq!(found.len(), 2 * metrics.len() + 2, "{found:?}");
+    for id in ["dau", "mau", "dau-mau"] {
+        expect(id, 2);
+        // One point per day of the experiment for each branch.
+        let svg = dom
+            .split("<svg ")
+            .find(|s| s.contains(&format!("data-chart=\"{id}\"")))
+            .unwrap();
+        let svg = &svg[..svg.find("</svg>").unwrap()];
+        for g in svg.split("<g class=\"series\"").skip(1) {
+            assert_eq!(g.matches("<circle").count(), days, "{id}");
+        }
+    }
+    assert_eq!(found.len(), 2 * metrics.len() + 4, "{found:?}");
     assert!(dom.contains("id=\"srm\""));
     // Every series has points: a weekly window per metric, a day per enrollment/DAU chart.
     for part in dom.split("<g class=\"series\"").skip(1) {
@@ -160,7 +206,7 @@ fn the_results_page_draws_every_chart_in_chromium() {
     let shot: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join("results_page.png");
     let _ = std::fs::remove_file(&shot);
     let arg = format!("--screenshot={}", shot.display());
-    let o = chromium(&[&arg, "--window-size=1400,2400", "--hide-scrollbars", &url]).unwrap();
+    let o = chromium(&[&arg, "--window-size=1400,3300", "--hide-scrollbars", &url]).unwrap();
     assert!(o.status.success());
     let png = std::fs::read(&shot).unwrap();
     assert!(

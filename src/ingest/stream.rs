@@ -16,6 +16,9 @@ use crate::ingest::kafka::{KafkaSettings, KafkaSource, OffsetStore};
 use crate::pipeline::{batch_interval, Pipeline, PublishReport};
 use crate::state::Store;
 
+/// How often the consumer lag is measured (cheap: librdkafka's statistics cache it).
+const LAG_EVERY: Duration = Duration::from_secs(5);
+
 /// Start positions for the consumer: the positions this process has consumed to (which
 /// the pending batch will store), else the durable offsets in sled. Using the in-memory
 /// position when a partition comes back to us before a flush keeps its pending events
@@ -119,6 +122,7 @@ pub async fn run(
     let mut last_message = Instant::now();
     let mut last_flush = Instant::now();
     let mut last_report = Instant::now();
+    let mut last_lag = Instant::now();
     let mut committed: Vec<(String, i32, i64)> = Vec::new();
     let mut idle_stop = false;
     let mut last_assigned = 0;
@@ -213,20 +217,24 @@ pub async fn run(
             }
             source.commit_informational(&committed);
         }
-        if last_report.elapsed() >= Duration::from_secs(30) {
-            last_report = Instant::now();
-            // Consumer lag for /metrics: messages between the next offset and the high
-            // watermark (cached from librdkafka statistics; fetched when missing).
+        if last_lag.elapsed() >= LAG_EVERY {
+            last_lag = Instant::now();
+            // Consumer lag for /metrics and health: messages between the next offset and
+            // the high watermark (cached from librdkafka statistics; fetched when missing).
             let marks =
                 tokio::task::block_in_place(|| source.high_watermarks(Duration::from_secs(1)));
-            for (topic, p, high) in marks {
-                let next = positions.next_offset(&topic, p).unwrap_or(0);
-                pipeline
-                    .metrics
-                    .consumer_lag
-                    .with_label_values(&[topic.as_str(), &p.to_string()])
-                    .set((high - next).max(0));
-            }
+            let lags = marks
+                .into_iter()
+                .map(|(topic, p, high)| {
+                    let next = positions.next_offset(&topic, p).unwrap_or(0);
+                    (topic, p, high - next)
+                })
+                .collect();
+            let now = chrono::Utc::now().timestamp_micros();
+            pipeline.metrics.record_consumer_lag(lags, now);
+        }
+        if last_report.elapsed() >= Duration::from_secs(30) {
+            last_report = Instant::now();
             let rejects: Vec<String> = pipeline
                 .fold
                 .reject_totals()

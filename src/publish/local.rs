@@ -134,6 +134,7 @@ mod tests {
             kind: TableKind::Statistics {
                 view: "statistics_s_weekly".into(),
                 window_index: idx,
+                data_sources: vec![],
             },
             columns: vec![
                 Column::new("metric", ColumnType::String, false),

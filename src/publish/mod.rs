@@ -55,13 +55,30 @@ pub enum Value {
 pub enum TableKind {
     Enrollments,
     Aggregates,
-    /// A statistics table: the view it belongs to and its 1-based window index.
+    /// A statistics table: the view it belongs to, its 1-based window index, and what the
+    /// window's aggregate rows counted per data source (kept for the health report, not
+    /// published).
     Statistics {
         view: String,
         window_index: u32,
+        data_sources: Vec<DataSourceFlags>,
     },
     /// A day's activity sketches (`activity_sketches_YYYYMMDD`).
     Sketches,
+}
+
+/// Clients of one window and analysis basis whose telemetry of one data source reported a
+/// branch other than their enrolled one (or several), or carried no branch tag: the
+/// `<data_source>_has_contradictory_branch` and `_has_non_enrolled_data` columns of the
+/// aggregate table, counted. Many of either means the results are suspect.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataSourceFlags {
+    pub analysis_basis: String,
+    pub data_source: String,
+    /// Clients in the aggregate table (its rows).
+    pub clients: u64,
+    pub contradictory_branch: u64,
+    pub non_enrolled_data: u64,
 }
 
 /// A whole table, replaced atomically by a sink.

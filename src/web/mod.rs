@@ -1,8 +1,9 @@
 //! The results page (`/` and `/experiments/{slug}`): server-side HTML with inline SVG.
 //!
 //! Built from what the API already serves: the health report (enrollment per branch and
-//! day, SRM verdict, windows), the published statistics rows and live DAU per branch. No
-//! script and no external resource, so it works offline and behind any proxy.
+//! day, SRM verdict, windows), the published statistics rows and live DAU, MAU and DAU/MAU
+//! per branch. No script and no external resource, so it works offline and behind any
+//! proxy.
 
 pub mod svg;
 
@@ -12,7 +13,8 @@ use chrono::NaiveDate;
 use serde_json::Value;
 
 use crate::config::{Experiment, Period};
-use crate::health::{BranchDau, Health, Status};
+use crate::health::{BranchActivity, Health, Status};
+use crate::sketch::CountAnswer;
 use svg::{Chart, Point, Series, Style};
 
 /// Escapes text for HTML element content and attribute values.
@@ -123,8 +125,8 @@ pub struct ExperimentPage<'a> {
     /// The period whose statistics are charted, and its rows (segment `all` is used).
     pub period: Period,
     pub rows: &'a [Value],
-    /// Live DAU per branch by date.
-    pub dau: &'a [(NaiveDate, Vec<BranchDau>)],
+    /// Live DAU, MAU and DAU/MAU per branch by date.
+    pub activity: &'a [(NaiveDate, Vec<BranchActivity>)],
 }
 
 /// The results page of one experiment.
@@ -279,35 +281,61 @@ pub fn experiment_page(p: &ExperimentPage<'_>) -> String {
         style: Style::Line,
         zero_line: false,
     }));
-    let dau_series: Vec<Series> = branches
-        .iter()
-        .enumerate()
-        .map(|(i, name)| Series {
-            name: name.to_string(),
-            points: p
-                .dau
-                .iter()
-                .enumerate()
-                .filter_map(|(x, (_, per))| {
-                    let d = per.get(i)?;
-                    Some(Point {
-                        x,
-                        y: d.estimate,
-                        interval: Some((d.lower, d.upper)),
+    b.push_str("</div><h2>Activity</h2><div class=\"charts\">");
+    let dates: Vec<String> = p.activity.iter().map(|(d, _)| d.to_string()).collect();
+    // One series per branch of one answer per day (skipping days without one).
+    let per_branch = |pick: &dyn Fn(&BranchActivity) -> Option<CountAnswer>, scale: f64| {
+        branches
+            .iter()
+            .enumerate()
+            .map(|(i, name)| Series {
+                name: name.to_string(),
+                points: p
+                    .activity
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(x, (_, per))| {
+                        let a = pick(per.get(i)?)?;
+                        Some(Point {
+                            x,
+                            y: a.estimate * scale,
+                            interval: Some((a.lower * scale, a.upper * scale)),
+                        })
                     })
-                })
-                .collect(),
-        })
-        .collect();
-    b.push_str(&svg::render(&Chart {
-        id: "dau".into(),
-        title: "Daily active clients per branch (reported branch)".into(),
-        y_label: "DAU".into(),
-        x_labels: p.dau.iter().map(|(d, _)| d.to_string()).collect(),
-        series: dau_series,
-        style: Style::Line,
-        zero_line: false,
-    }));
+                    .collect(),
+            })
+            .collect::<Vec<Series>>()
+    };
+    for (id, title, y_label, series) in [
+        (
+            "dau",
+            "Daily active clients per branch (reported branch)",
+            "DAU",
+            per_branch(&|a| Some(a.dau), 1.0),
+        ),
+        (
+            "mau",
+            "Monthly active clients per branch (28 days ending each day)",
+            "MAU",
+            per_branch(&|a| Some(a.mau), 1.0),
+        ),
+        (
+            "dau-mau",
+            "DAU/MAU per branch (%)",
+            "DAU/MAU %",
+            per_branch(&|a| a.dau_per_mau, 100.0),
+        ),
+    ] {
+        b.push_str(&svg::render(&Chart {
+            id: id.into(),
+            title: title.into(),
+            y_label: y_label.into(),
+            x_labels: dates.clone(),
+            series,
+            style: Style::Line,
+            zero_line: false,
+        }));
+    }
     b.push_str("</div>");
 
     b.push_str("<h2>Windows</h2><table id=\"windows\"><tr><th>table</th><th>state</th><th>complete at</th><th>published at</th><th>last error</th></tr>");

@@ -448,7 +448,10 @@ impl Publisher {
                 let _ = self.rest.delete_table(ds, id).await;
             }
         }
-        if let TableKind::Statistics { view, window_index } = &t.kind {
+        if let TableKind::Statistics {
+            view, window_index, ..
+        } = &t.kind
+        {
             self.update_view(t, view, *window_index, &tables)
                 .await
                 .map_err(|e| e.context(format!("view {view}")))?;
