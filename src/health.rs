@@ -443,6 +443,9 @@ pub struct Health {
     /// The worst status of the checks.
     pub status: Status,
     pub checks: Vec<Check>,
+    /// Results final and per-client state dropped by `finalize` (retention): enrollment
+    /// counts, SRM and exposure are no longer computed.
+    pub per_client_state_dropped: bool,
     pub enrolled_total: u64,
     pub branches: Vec<BranchCounts>,
     pub enrollment_by_day: Vec<EnrollmentDay>,
@@ -902,15 +905,28 @@ pub fn health(
         None => Vec::new(),
     };
     let data_sources = data_source_report(store, exp, &published)?;
-    let checks = checks(
-        exp,
-        &summary,
-        srm.as_ref(),
-        &windows,
-        data_sources.as_ref(),
-        live,
-    );
+    let dropped = store.retired()?.contains_key(&exp.slug);
+    let checks = if dropped {
+        vec![
+            Check {
+                name: "retention",
+                status: Status::Ok,
+                reason: "results final; finalize dropped the per-client state after `retention_days` (published statistics and DAU/MAU stay)".into(),
+            },
+            windows_check(&windows),
+        ]
+    } else {
+        checks(
+            exp,
+            &summary,
+            srm.as_ref(),
+            &windows,
+            data_sources.as_ref(),
+            live,
+        )
+    };
     Ok(Health {
+        per_client_state_dropped: dropped,
         experiment: exp.slug.clone(),
         status: checks.iter().map(|c| c.status).max().unwrap_or(Status::Ok),
         checks,

@@ -501,6 +501,21 @@ fn finalize_drops_per_client_state_once_results_are_final_and_retention_is_over(
     );
     assert_eq!(enrollment_records(), 0);
     let overall = all_tables(&out);
+    {
+        // The HTTP API still answers: health says so, DAU comes from the kept sketches,
+        // the published statistics stay.
+        let server = common::server::Server::start(&cfg, &state, None);
+        let health = server.ok("/v1/experiments/fin-test/health");
+        assert_eq!(health["per_client_state_dropped"], true, "{health}");
+        assert_eq!(health["status"], "ok", "{health}");
+        assert_eq!(health["checks"][0]["name"], "retention", "{health}");
+        assert_eq!(server.ok("/v1/dau?date=2026-11-05")["estimate"], 1.0);
+        let stats = server.ok("/v1/experiments/fin-test/statistics?period=overall");
+        assert!(
+            stats["rows"].as_array().is_some_and(|r| !r.is_empty()),
+            "{stats}"
+        );
+    }
 
     // Late events of a retired experiment are skipped; nothing is published again.
     let mut text = EVENTS.to_string();
