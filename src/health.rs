@@ -691,6 +691,9 @@ pub struct PipelineMetrics {
     pub publish_failures: IntCounterVec,
     /// Messages behind the high watermark, per topic partition (set by the Kafka source).
     pub consumer_lag: IntGaugeVec,
+    /// Dead letters by outcome: `delivered`, `retried` (a failed attempt, sent again) and
+    /// `dropped` (refused for good by the broker).
+    pub dead_letters: IntCounterVec,
     /// What `record_flush` saw last, to turn the fold's running totals into increments.
     seen: std::sync::Mutex<(u64, [u64; RejectReason::ALL.len()])>,
 }
@@ -754,6 +757,15 @@ impl PipelineMetrics {
             &["topic", "partition"],
         )
         .expect("valid metric");
+        let dead_letters = IntCounterVec::new(
+            Opts::new(
+                "slipstream_dead_letters_total",
+                "Rejected messages written to the dead-letter topic, by outcome (delivered, retried, dropped).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        reg(Box::new(dead_letters.clone()));
         reg(Box::new(events_folded.clone()));
         reg(Box::new(events_rejected.clone()));
         reg(Box::new(batch_commit_seconds.clone()));
@@ -770,7 +782,21 @@ impl PipelineMetrics {
             tables_published,
             publish_failures,
             consumer_lag,
+            dead_letters,
             seen: Default::default(),
+        }
+    }
+
+    /// Adds one round of dead-letter deliveries.
+    pub fn record_dead_letters(&self, r: crate::ingest::kafka::DeadLetterReport) {
+        for (outcome, n) in [
+            ("delivered", r.delivered),
+            ("retried", r.retried),
+            ("dropped", r.dropped),
+        ] {
+            if n > 0 {
+                self.dead_letters.with_label_values(&[outcome]).inc_by(n);
+            }
         }
     }
 

@@ -496,6 +496,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 s.published.rows,
                 pipeline.sink_description()
             );
+            if let Some(topic) = &cfg.pipeline.kafka.dead_letter_topic {
+                println!(
+                    "dead-letter topic {topic}: {} rejected messages delivered",
+                    s.dead_letters
+                );
+            }
             print_rejects(&pipeline);
             Ok(if s.published.failures.is_empty() {
                 ExitCode::SUCCESS
