@@ -233,15 +233,22 @@ impl Fold {
         self.day_filter = Some((from, to));
     }
 
-    /// Folds one decoded event from a source partition.
-    pub fn apply(&mut self, source: &str, partition: i32, event: &Event<'_>) {
+    /// Folds one decoded event from a source partition. Returns the reason when the event
+    /// was rejected (counted already) after decoding: an experiment or branch the config
+    /// does not have; the Kafka path sends it to the dead-letter topic.
+    pub fn apply(
+        &mut self,
+        source: &str,
+        partition: i32,
+        event: &Event<'_>,
+    ) -> Option<RejectReason> {
         let ts = event.timestamp();
         if self
             .day_filter
             .is_some_and(|(from, to)| ts.day() < from || ts.day() > to)
         {
             self.stats.skipped += 1;
-            return;
+            return None;
         }
         let key = (source.to_string(), partition);
         let t = self.event_times.entry(key.clone()).or_insert(i64::MIN);
@@ -258,8 +265,12 @@ impl Fold {
             Ok(()) => {
                 self.pending.events += 1;
                 self.stats.folded += 1;
+                None
             }
-            Err(r) => self.reject(&r, source),
+            Err(r) => {
+                self.reject(&r, source);
+                Some(r.reason)
+            }
         }
     }
 

@@ -186,15 +186,18 @@ pub async fn run(
                 } else {
                     (Kind::Telemetry, k.telemetry_format)
                 };
-                let decoded = match format {
-                    Format::Json => decode_json(rec.payload, kind, max_bytes).map(|e| pipeline.fold.apply(rec.topic, rec.partition, &e)),
-                    Format::Protobuf => decode_protobuf(rec.payload, kind, max_bytes).map(|e| pipeline.fold.apply(rec.topic, rec.partition, &e)),
-                };
-                if let Err(r) = decoded {
+                // Rejected by the decoder (counted here) or by the fold (counted there).
+                let rejected = match format {
+                    Format::Json => decode_json(rec.payload, kind, max_bytes),
+                    Format::Protobuf => decode_protobuf(rec.payload, kind, max_bytes),
+                }
+                .map_err(|r| {
                     pipeline.fold.reject(&r, rec.topic);
-                    if let Some(dl) = dead_letters.as_mut() {
-                        dl.send(&rec, r.reason);
-                    }
+                    r.reason
+                })
+                .map_or_else(Some, |e| pipeline.fold.apply(rec.topic, rec.partition, &e));
+                if let (Some(reason), Some(dl)) = (rejected, dead_letters.as_mut()) {
+                    dl.send(&rec, reason);
                 }
                 pipeline.fold.record_offset(rec.topic, rec.partition, rec.offset + 1);
                 positions.set(rec.topic, rec.partition, rec.offset + 1);
