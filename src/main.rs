@@ -503,7 +503,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             print_rejects(&pipeline);
-            Ok(if s.published.failures.is_empty() {
+            for f in &s.still_failing {
+                eprintln!("publication failed: {f}");
+            }
+            Ok(if s.still_failing.is_empty() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -98,6 +98,11 @@ pub struct RunSummary {
     pub messages: u64,
     /// Dead letters the broker acknowledged.
     pub dead_letters: u64,
+    /// Failed publication attempts (transient ones were retried later).
+    pub failed_attempts: u64,
+    /// Tables whose latest publication attempt failed, with the error, at exit: what the
+    /// exit status reports (a failure that a later attempt repaired does not count).
+    pub still_failing: Vec<String>,
     pub published: PublishReport,
 }
 
@@ -245,7 +250,7 @@ pub async fn run(
             }
             let wm = pipeline.fold.watermark(idle).filter(|_| owns_all);
             let r = tokio::task::block_in_place(|| pipeline.flush_and_publish(wm, false))?;
-            summary.published.absorb(r);
+            summary.absorb(r);
             last_flush = Instant::now();
             committed.clear();
             for (topic, p) in source.assignment() {
@@ -339,13 +344,36 @@ pub async fn run(
         abandon_publication_after(SHUTDOWN_PUBLISH_LIMIT);
     }
     let r = tokio::task::block_in_place(|| pipeline.flush_and_publish(wm, false))?;
-    summary.published.absorb(r);
+    summary.absorb(r);
     pipeline.fold.store().flush()?;
+    summary.still_failing = still_failing(pipeline);
     tracing::info!(
         messages = summary.messages,
         "stopped cleanly: state and offsets stored"
     );
     Ok(summary)
+}
+
+impl RunSummary {
+    /// Adds a publication pass, keeping only the number of failures: a long sink outage
+    /// must not grow the summary.
+    fn absorb(&mut self, mut r: PublishReport) {
+        self.failed_attempts += r.failures.len() as u64;
+        r.failures.clear();
+        self.published.absorb(r);
+    }
+}
+
+/// Tables whose last publication attempt failed (`table: error`).
+fn still_failing(pipeline: &Pipeline) -> Vec<String> {
+    let experiments = pipeline.fold.config().experiments.len();
+    (0..experiments)
+        .map(Some)
+        .chain([None])
+        .flat_map(|x| pipeline.fold.published(x).iter())
+        .filter(|(_, rec)| rec.failures > 0)
+        .map(|(table, rec)| format!("{table}: {}", rec.last_error.as_deref().unwrap_or("failed")))
+        .collect()
 }
 
 /// Delivers the pending batch's dead letters (if a topic is configured); false when `stop`
