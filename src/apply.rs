@@ -269,15 +269,22 @@ impl Fold {
         self.day_filter = Some((from, to));
     }
 
-    /// Folds one decoded event from a source partition.
-    pub fn apply(&mut self, source: &str, partition: i32, event: &Event<'_>) {
+    /// Folds one decoded event from a source partition. Returns the reason when the event
+    /// was rejected (counted already) after decoding: an experiment or branch the config
+    /// does not have; the Kafka path sends it to the dead-letter topic.
+    pub fn apply(
+        &mut self,
+        source: &str,
+        partition: i32,
+        event: &Event<'_>,
+    ) -> Option<RejectReason> {
         let ts = event.timestamp();
         if self
             .day_filter
             .is_some_and(|(from, to)| ts.day() < from || ts.day() > to)
         {
             self.stats.skipped += 1;
-            return;
+            return None;
         }
         let key = (source.to_string(), partition);
         let t = self.event_times.entry(key.clone()).or_insert(i64::MIN);
@@ -286,7 +293,7 @@ impl Fold {
         let result = match event {
             Event::Enrollment(e) if self.is_retired_slug(&e.experiment) => {
                 self.stats.skipped += 1;
-                return;
+                return None;
             }
             Event::Enrollment(e) => self.apply_enrollment(partition as u32, e),
             Event::Telemetry(t) => {
@@ -298,8 +305,12 @@ impl Fold {
             Ok(()) => {
                 self.pending.events += 1;
                 self.stats.folded += 1;
+                None
             }
-            Err(r) => self.reject(&r, source),
+            Err(r) => {
+                self.reject(&r, source);
+                Some(r.reason)
+            }
         }
     }
 

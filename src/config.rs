@@ -150,6 +150,12 @@ pub struct KafkaConfig {
     pub group_id: String,
     /// A partition that delivered nothing for this long does not hold the watermark back.
     pub idle_partition_millis: u64,
+    /// Topic that receives every rejected message (original key and payload, the reason in
+    /// a header), delivered before the offsets that passed it are stored. None: only counted.
+    pub dead_letter_topic: Option<String>,
+    /// Consumer-group session timeout: how soon a dead member's partitions move to the
+    /// others (and, on tansu, about twice the wait for a new member's first assignment).
+    pub session_timeout_ms: u32,
 }
 
 impl Default for KafkaConfig {
@@ -161,6 +167,8 @@ impl Default for KafkaConfig {
             telemetry_format: Format::Json,
             group_id: "slipstream".into(),
             idle_partition_millis: 10_000,
+            dead_letter_topic: None,
+            session_timeout_ms: 6000,
         }
     }
 }
@@ -668,6 +676,32 @@ fn validate_pipeline(file: &Path, p: &PipelineConfig, problems: &mut Vec<ConfigP
             format!("{}; expected 1..=3660", p.max_query_days),
         ));
     }
+    if !(1000..=300_000).contains(&p.kafka.session_timeout_ms) {
+        problems.push(problem(
+            file,
+            "pipeline.kafka.session_timeout_ms",
+            format!(
+                "{}; expected 1000..=300000 (milliseconds; 6000 is the default)",
+                p.kafka.session_timeout_ms
+            ),
+        ));
+    }
+    if let Some(t) = &p.kafka.dead_letter_topic {
+        let k = &p.kafka;
+        if let Err(why) = check_topic_name(t) {
+            problems.push(problem(
+                file,
+                "pipeline.kafka.dead_letter_topic",
+                format!("{t:?} {why}"),
+            ));
+        } else if *t == k.enrollments_topic || *t == k.telemetry_topic {
+            problems.push(problem(
+                file,
+                "pipeline.kafka.dead_letter_topic",
+                format!("{t:?} is also an input topic; expected a topic of its own (rejects would be read again)"),
+            ));
+        }
+    }
     let mut seen = BTreeSet::new();
     for d in &p.dimensions {
         if d.is_empty() || !seen.insert(d) {
@@ -681,6 +715,20 @@ fn validate_pipeline(file: &Path, p: &PipelineConfig, problems: &mut Vec<ConfigP
     if let Some(Err(e)) = p.token_file.as_deref().map(crate::http::read_token_file) {
         problems.push(problem(file, "pipeline.token_file", e));
     }
+}
+
+/// Kafka's rule for topic names: 1..=249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`.
+fn check_topic_name(t: &str) -> Result<(), &'static str> {
+    if t.is_empty() || t.len() > 249 || t == "." || t == ".." {
+        return Err("is not a valid topic name; expected 1 to 249 characters, not `.` or `..`");
+    }
+    if !t
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err("is not a valid topic name; expected only letters, digits, `.`, `_` and `-`");
+    }
+    Ok(())
 }
 
 fn parse_date(
@@ -1122,6 +1170,37 @@ metrics = [{ name = "tabs", field = "tab_count", aggregation = "max" }]
         assert_eq!(e.table_slug(), "bug_1_slug");
         assert_eq!(e.periods, vec![Period::Day, Period::Week, Period::Overall]);
         assert_eq!(cfg.pipeline.allowed_lateness_hours, 24);
+    }
+
+    #[test]
+    fn dead_letter_topic_must_be_a_valid_topic_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |topic: &str| {
+            let text = format!("[pipeline.kafka]\ndead_letter_topic = {topic:?}\n{GOOD}");
+            load(&write(dir.path(), "dl.toml", &text))
+        };
+        let cfg = with("rejects").unwrap();
+        assert_eq!(
+            cfg.pipeline.kafka.dead_letter_topic.as_deref(),
+            Some("rejects")
+        );
+        for (bad, needle) in [
+            ("", "1 to 249"),
+            ("..", "1 to 249"),
+            ("a b", "only letters"),
+            ("telemetry", "also an input topic"),
+        ] {
+            let err = with(bad).unwrap_err();
+            assert!(
+                err.0
+                    .iter()
+                    .any(|p| p.field == "pipeline.kafka.dead_letter_topic"
+                        && p.message.contains(needle)),
+                "{bad:?}: {err}"
+            );
+        }
+        let cfg = load(&write(dir.path(), "dl.toml", GOOD)).unwrap();
+        assert_eq!(cfg.pipeline.kafka.dead_letter_topic, None);
     }
 
     #[test]

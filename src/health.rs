@@ -1049,6 +1049,9 @@ pub struct PipelineMetrics {
     pub consumer_lag: IntGaugeVec,
     /// The same measurement for the health report, with its time.
     lag: std::sync::Mutex<ConsumerLag>,
+    /// Dead letters by outcome: `delivered`, `retried` (a failed attempt, sent again) and
+    /// `dropped` (refused for good by the broker).
+    pub dead_letters: IntCounterVec,
     /// What `record_flush` saw last, to turn the fold's running totals into increments.
     seen: std::sync::Mutex<(u64, [u64; RejectReason::ALL.len()])>,
 }
@@ -1112,6 +1115,15 @@ impl PipelineMetrics {
             &["topic", "partition"],
         )
         .expect("valid metric");
+        let dead_letters = IntCounterVec::new(
+            Opts::new(
+                "slipstream_dead_letters_total",
+                "Rejected messages written to the dead-letter topic, by outcome (delivered, retried, dropped).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        reg(Box::new(dead_letters.clone()));
         reg(Box::new(events_folded.clone()));
         reg(Box::new(events_rejected.clone()));
         reg(Box::new(batch_commit_seconds.clone()));
@@ -1129,6 +1141,7 @@ impl PipelineMetrics {
             publish_failures,
             consumer_lag,
             lag: Default::default(),
+            dead_letters,
             seen: Default::default(),
         }
     }
@@ -1162,6 +1175,19 @@ impl PipelineMetrics {
     /// The last consumer lag measurement (empty before the first).
     pub fn consumer_lag(&self) -> ConsumerLag {
         self.lag.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Adds one round of dead-letter deliveries.
+    pub fn record_dead_letters(&self, r: crate::ingest::kafka::DeadLetterReport) {
+        for (outcome, n) in [
+            ("delivered", r.delivered),
+            ("retried", r.retried),
+            ("dropped", r.dropped),
+        ] {
+            if n > 0 {
+                self.dead_letters.with_label_values(&[outcome]).inc_by(n);
+            }
+        }
     }
 
     /// Records a flush: the fold's running totals (folded, rejected) and its duration.

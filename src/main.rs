@@ -585,8 +585,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 s.published.rows,
                 pipeline.sink_description()
             );
+            if let Some(topic) = &cfg.pipeline.kafka.dead_letter_topic {
+                println!(
+                    "dead-letter topic {topic}: {} rejected messages delivered",
+                    s.dead_letters
+                );
+            }
             print_rejects(&pipeline);
-            Ok(if s.published.failures.is_empty() {
+            for f in &s.still_failing {
+                eprintln!("publication failed: {f}");
+            }
+            Ok(if s.still_failing.is_empty() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -17,21 +17,48 @@ use crate::event::{Day, RejectReason};
 pub const FORMAT_VERSION: u32 = 1;
 
 const META_FORMAT: &[u8] = b"M\0format";
+/// The format version again, as a text file beside `db/`: read before sled opens the store
+/// (sled rewrites its files on every open), so a version this binary does not know is
+/// refused without a byte written.
+const FORMAT_FILE: &str = "FORMAT";
 const META_LAYOUT: &[u8] = b"M\0layout";
 /// `M\0retired\0<slug>`: per-client state dropped (value 1) or being dropped (0).
 const META_RETIRED: &[u8] = b"M\0retired\0";
 
-/// Errors opening or using the store; each says what to do next.
+/// Errors opening or using the store; each says what to do next. The underlying error is
+/// the `source` (printed after the message), never repeated in the message itself.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("cannot open the state store at {path}: {source} (is the directory writable, is the disk full, or is another slipstream process using it?)")]
+    #[error("cannot open the state store at {path}: {}", hint(source))]
     Open { path: String, source: sled::Error },
-    #[error("the state at {path} has format version {found}, but this binary reads version {FORMAT_VERSION}; use a matching slipstream release or rebuild the state with `backfill`")]
+    #[error("the state at {path} has format version {found}, but this binary reads version {FORMAT_VERSION}; use a matching slipstream release or rebuild the state with `backfill` (nothing was written)")]
     Version { path: String, found: u32 },
-    #[error("state store I/O failed: {0}")]
+    #[error("writing the state store failed: {}", hint(.0))]
     Io(#[from] sled::Error),
     #[error("corrupt state value under key {key}: {detail}")]
     Corrupt { key: String, detail: String },
+}
+
+/// What an I/O error of the store most likely means and what to do about it.
+fn hint(e: &sled::Error) -> &'static str {
+    use std::io::ErrorKind as K;
+    let sled::Error::Io(io) = e else {
+        return "the store is damaged or was written by another program; restore it from a backup or rebuild it with `backfill`";
+    };
+    // sled wraps some errors in a custom io::Error that only keeps the text.
+    let text = io.to_string();
+    let kind = io.kind();
+    if kind == K::StorageFull || text.contains("No space left") || text.contains("StorageFull") {
+        "the disk is full; free space or move --data-dir to a larger disk, then start again (everything up to the last stored batch is kept)"
+    } else if kind == K::ReadOnlyFilesystem || text.contains("Read-only file system") {
+        "the file system is read-only; --data-dir must be on a writable disk"
+    } else if kind == K::PermissionDenied {
+        "permission denied; --data-dir must be writable by this user"
+    } else if kind == K::WouldBlock || text.contains("lock") {
+        "another slipstream process is using this data directory (only one may open it at a time)"
+    } else {
+        "an I/O error; check the disk and the directory"
+    }
 }
 
 /// Field layout: data source and metric field names as small integers in the daily
@@ -286,21 +313,56 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store, checks its format version and extends its layout
     /// with the config's fields.
+    ///
+    /// Nothing is left behind when it fails: a version it does not know is refused before
+    /// sled touches a file, and a store it was creating (a read-only or full disk) is removed.
     pub fn open(dir: &Path, cfg: &Config) -> Result<Store, StateError> {
         let path = dir.display().to_string();
-        std::fs::create_dir_all(dir).map_err(|e| StateError::Open {
+        let open_error = |e: std::io::Error| StateError::Open {
             path: path.clone(),
             source: sled::Error::Io(e),
-        })?;
+        };
+        match std::fs::read_to_string(dir.join(FORMAT_FILE)) {
+            Ok(text) => match text.trim().parse::<u32>() {
+                Ok(found) if found == FORMAT_VERSION => {}
+                Ok(found) => return Err(StateError::Version { path, found }),
+                Err(_) => {
+                    return Err(StateError::Corrupt {
+                        key: format!("{}/{FORMAT_FILE}", dir.display()),
+                        detail: format!("{:?} is not a format version number", text.trim()),
+                    })
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(open_error(e)),
+        }
+        let created_dir = !dir.exists();
+        let created_db = !dir.join("db").exists();
+        let opened = Store::open_db(dir, &path, cfg);
+        if opened.is_err() && created_db {
+            // Leave no half-created store behind (best effort: the disk may refuse this too).
+            let _ = std::fs::remove_dir_all(dir.join("db"));
+            let _ = std::fs::remove_file(dir.join(FORMAT_FILE));
+            if created_dir {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+        opened
+    }
+
+    fn open_db(dir: &Path, path: &str, cfg: &Config) -> Result<Store, StateError> {
+        let open_error = |source| StateError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_error(sled::Error::Io(e)))?;
         let db = sled::Config::new()
             .path(dir.join("db"))
             .cache_capacity(256 << 20)
             .flush_every_ms(Some(500))
             .open()
-            .map_err(|source| StateError::Open {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(open_error)?;
+        let path = path.to_owned();
         match db.get(META_FORMAT)? {
             Some(v) => {
                 let found = u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0xff; 4]));
@@ -320,6 +382,14 @@ impl Store {
             db.insert(META_LAYOUT, encode(&layout))?;
         }
         db.flush()?;
+        let format_file = dir.join(FORMAT_FILE);
+        if !format_file.exists() {
+            // Written whole or not at all (rename), so a crash cannot leave a torn version.
+            let tmp = dir.join(format!("{FORMAT_FILE}.tmp"));
+            std::fs::write(&tmp, format!("{FORMAT_VERSION}\n"))
+                .and_then(|()| std::fs::rename(&tmp, &format_file))
+                .map_err(|e| open_error(sled::Error::Io(e)))?;
+        }
         Ok(Store { db, layout })
     }
 

@@ -1316,7 +1316,7 @@ segments = [{ name = "windows", where = 'os = "Windows" and country in ["DE", "F
 metrics = [{ name = "tabs", field = "tab_count", aggregation = "max", statistics = ["count", { kind = "mean", ci_width = 0.9, drop_highest = 0.01 }] }]
 "#;
 
-const CONFIG_KEYS: [&str; 40] = [
+const CONFIG_KEYS: [&str; 42] = [
     "slug",
     "branches",
     "reference_branch",
@@ -1356,6 +1356,8 @@ const CONFIG_KEYS: [&str; 40] = [
     "telemetry_format",
     "group_id",
     "idle_partition_millis",
+    "session_timeout_ms",
+    "dead_letter_topic",
     "x_unknown",
 ];
 

@@ -10,6 +10,8 @@
 #   PARTITIONS            partitions per topic (default 4)
 #   TOPICS                space-separated topics to create (default "enrollments telemetry dead-letter")
 #   TANSU_START_TIMEOUT   seconds to wait for the port (default 30)
+#   ADVERTISED_PORT       port the broker tells clients to connect to (default PORT): a test
+#                         puts a TCP proxy there to cut and restore connections (an outage)
 #   WATCH_PID             if set, a watchdog kills the broker once this process has exited, so a
 #                         test binary that is killed does not leak brokers
 #   SLIPSTREAM_CACHE      cache root used by install-tansu.sh (default $HOME/.cache/slipstream)
@@ -33,6 +35,8 @@ topics="${TOPICS:-enrollments telemetry dead-letter}"
 timeout_s="${TANSU_START_TIMEOUT:-30}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 url="tcp://127.0.0.1:$port"
+advertised_port="${ADVERTISED_PORT:-$port}"
+[[ "$advertised_port" =~ ^[0-9]+$ ]] || die "ADVERTISED_PORT must be a port number, got '$advertised_port'"
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -50,7 +54,7 @@ echo "=== start-tansu.sh $(date -u +%FT%TZ) port $port" >>"$log"
 # Flags override any LISTENER_URL / STORAGE_ENGINE variables tansu would otherwise read from the env.
 (cd "$dir" && exec setsid "$tansu" broker \
     --listener-url "$url" \
-    --advertised-listener-url "$url" \
+    --advertised-listener-url "tcp://127.0.0.1:$advertised_port" \
     --storage-engine memory://tansu/ \
     </dev/null >>"$log" 2>&1) &
 pid=$!

@@ -114,7 +114,9 @@ pub fn replay(pipeline: &mut Pipeline, input: &Path) -> anyhow::Result<ReplaySum
             pipeline.fold.reject(&r, &source);
         } else {
             match decode_json(&buf, Kind::Any, max) {
-                Ok(ev) => pipeline.fold.apply(&source, 0, &ev),
+                Ok(ev) => {
+                    pipeline.fold.apply(&source, 0, &ev);
+                }
                 Err(r) => pipeline.fold.reject(&r, &source),
             }
         }

@@ -738,6 +738,207 @@ impl FileProducer<'_> {
     }
 }
 
+/// A rejected message on its way to the dead-letter topic: the original key and payload,
+/// and where it came from and why it was rejected (sent as headers).
+#[derive(Debug, Clone)]
+struct DeadLetter {
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    reason: &'static str,
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+/// Header names of a dead letter (DESIGN.md section 3; README "Kafka").
+pub const REJECT_REASON_HEADER: &str = "slipstream-reject-reason";
+pub const SOURCE_TOPIC_HEADER: &str = "slipstream-source-topic";
+pub const SOURCE_PARTITION_HEADER: &str = "slipstream-source-partition";
+pub const SOURCE_OFFSET_HEADER: &str = "slipstream-source-offset";
+
+/// Longest pause between two rounds of resending dead letters while the topic is unreachable.
+const DEAD_LETTER_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What [`DeadLetters::deliver_all`] did, for the metrics and the logs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeadLetterReport {
+    /// Dead letters the broker acknowledged.
+    pub delivered: u64,
+    /// Failed attempts that were retried (transient errors: broker down, timeouts).
+    pub retried: u64,
+    /// Dead letters the broker refused for good (e.g. too large): logged and given up.
+    pub dropped: u64,
+}
+
+/// The dead-letter producer. Rejects are handed over as they are met ([`DeadLetters::send`],
+/// non-blocking); before the batch holding them is stored, [`DeadLetters::deliver_all`] waits
+/// until every one is acknowledged, resending on transient errors for as long as it takes.
+/// So the stored offsets never pass an undelivered dead letter: a crash may repeat dead
+/// letters (their batch is read again), never lose one (at-least-once).
+pub struct DeadLetters {
+    producer: FutureProducer<ProducerLogs>,
+    /// The dead-letter topic.
+    topic: String,
+    /// Sent, awaiting their delivery report, oldest first. Entries leave only once their
+    /// report is in, so a cancelled `deliver_all` loses none.
+    in_flight: VecDeque<(DeliveryFuture, DeadLetter)>,
+    /// Not handed to librdkafka yet (its queue was full) or failed: sent again by `deliver_all`.
+    unsent: Vec<DeadLetter>,
+}
+
+impl DeadLetters {
+    /// A producer for `topic`; `extra` are librdkafka properties applied last (security).
+    pub fn new(brokers: &str, topic: &str, extra: &[(String, String)]) -> Result<Self, KafkaError> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", brokers)
+            .set("linger.ms", "5")
+            // A dead letter is as large as the message that was rejected, oversized ones
+            // included: let the broker decide, not the client's 1 MB default.
+            .set("message.max.bytes", "100000000")
+            // Bounded so an unreachable broker surfaces (then our retries) instead of hanging.
+            .set("message.timeout.ms", "30000");
+        for (key, value) in extra {
+            config.set(key, value);
+        }
+        let producer =
+            config
+                .create_with_context(ProducerLogs)
+                .map_err(|source| KafkaError::Config {
+                    brokers: brokers.to_owned(),
+                    source: Box::new(source),
+                })?;
+        Ok(DeadLetters {
+            producer,
+            topic: topic.to_owned(),
+            in_flight: VecDeque::new(),
+            unsent: Vec::new(),
+        })
+    }
+
+    /// Dead letters not yet acknowledged (bounded by the batch: each is a pending event).
+    pub fn pending(&self) -> usize {
+        self.in_flight.len() + self.unsent.len()
+    }
+
+    /// Hands a rejected record to librdkafka without waiting (copies key and payload).
+    pub fn send(&mut self, record: &Record<'_>, reason: crate::event::RejectReason) {
+        let letter = DeadLetter {
+            key: record.key.map(<[u8]>::to_vec),
+            payload: record.payload.to_vec(),
+            reason: reason.as_str(),
+            topic: record.topic.to_owned(),
+            partition: record.partition,
+            offset: record.offset,
+        };
+        match self.try_send(&letter) {
+            Ok(delivery) => self.in_flight.push_back((delivery, letter)),
+            Err(_) => self.unsent.push(letter),
+        }
+    }
+
+    fn try_send(&self, letter: &DeadLetter) -> Result<DeliveryFuture, RdKafkaError> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let (partition, offset) = (letter.partition.to_string(), letter.offset.to_string());
+        let headers = OwnedHeaders::new_with_capacity(4)
+            .insert(Header {
+                key: REJECT_REASON_HEADER,
+                value: Some(letter.reason),
+            })
+            .insert(Header {
+                key: SOURCE_TOPIC_HEADER,
+                value: Some(&letter.topic),
+            })
+            .insert(Header {
+                key: SOURCE_PARTITION_HEADER,
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: SOURCE_OFFSET_HEADER,
+                value: Some(&offset),
+            });
+        let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic)
+            .payload(&letter.payload)
+            .headers(headers);
+        if let Some(key) = &letter.key {
+            record = record.key(key);
+        }
+        self.producer
+            .send_result(record)
+            .map_err(|(error, _record)| error)
+    }
+
+    /// Waits until every dead letter handed over so far is acknowledged. Transient failures
+    /// (broker down, "Unknown broker error" while tansu restarts, timeouts) are resent after
+    /// a back-off of 100 ms doubling to 5 s, for as long as it takes: the caller must not
+    /// store its batch's offsets before this returns. A dead letter the broker refuses for
+    /// good is logged with its source position and given up. `progress` sees each round's
+    /// report as it happens (for the metrics).
+    pub async fn deliver_all(&mut self, mut progress: impl FnMut(DeadLetterReport)) {
+        let mut round = 0u32;
+        loop {
+            let mut report = DeadLetterReport::default();
+            // Resent failures go behind the letters already in flight; no await in between,
+            // so a cancellation cannot lose the ones taken out of `unsent`.
+            for letter in std::mem::take(&mut self.unsent) {
+                match self.try_send(&letter) {
+                    Ok(delivery) => self.in_flight.push_back((delivery, letter)),
+                    Err(error) => self.failed(letter, error, &mut report),
+                }
+            }
+            while let Some((delivery, _)) = self.in_flight.front_mut() {
+                let result = delivery.await;
+                let (_, letter) = self.in_flight.pop_front().expect("front exists");
+                match result {
+                    Ok(Ok(_)) => report.delivered += 1,
+                    Ok(Err((error, _message))) => self.failed(letter, error, &mut report),
+                    Err(_canceled) => self.failed(letter, RdKafkaError::Canceled, &mut report),
+                }
+            }
+            progress(report);
+            if self.unsent.is_empty() {
+                return;
+            }
+            round += 1;
+            let pause =
+                Duration::from_millis(100 << (round - 1).min(6)).min(DEAD_LETTER_MAX_BACKOFF);
+            tracing::warn!(
+                topic = %self.topic,
+                undelivered = self.unsent.len(),
+                round,
+                ?pause,
+                "dead letters not delivered; the batch's offsets wait until they are"
+            );
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Sorts a failed dead letter: resent later, or given up when the error is permanent.
+    fn failed(&mut self, letter: DeadLetter, error: RdKafkaError, report: &mut DeadLetterReport) {
+        let full = matches!(
+            error,
+            RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
+        );
+        if full || is_transient(&error) || matches!(error, RdKafkaError::Canceled) {
+            if !full {
+                report.retried += 1;
+            }
+            self.unsent.push(letter);
+        } else {
+            report.dropped += 1;
+            tracing::error!(
+                topic = %self.topic,
+                source_topic = %letter.topic,
+                partition = letter.partition,
+                offset = letter.offset,
+                reason = letter.reason,
+                %error,
+                "the broker refused a dead letter for good; it is not retried"
+            );
+        }
+    }
+}
+
 /// Produces every line of an NDJSON event file to its topic, keyed by client_id: lines with an "event" field
 /// go to the enrollments topic, all others (including lines that are not valid JSON: they are how we test bad
 /// input) to the telemetry topic. Retries "Unknown broker error"/transient errors itself (see DESIGN.md 7). Returns lines produced.

@@ -5,6 +5,15 @@
 //! covers, then due windows are published. Consumption starts from those stored
 //! offsets (Kafka's committed offsets are only informational), so a restart resumes
 //! exactly after the last durable batch.
+//!
+//! Rejected messages go to the dead-letter topic, when one is configured, and are
+//! delivered before the offsets of their batch are stored (at-least-once).
+//!
+//! Shutdown (SIGTERM, Ctrl-C): stop consuming, deliver the batch's dead letters, write the
+//! batch with its offsets, then publish what is due. Publication is given
+//! [`SHUTDOWN_PUBLISH_LIMIT`]; one still running then is abandoned (the process exits):
+//! every publication step is idempotent and a window is recorded as published only after
+//! its last step, so the next start publishes it again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::Format;
 use crate::event::{decode_json, decode_protobuf, Kind};
-use crate::ingest::kafka::{KafkaSettings, KafkaSource, OffsetStore};
+use crate::health::PipelineMetrics;
+use crate::ingest::kafka::{DeadLetters, KafkaSettings, KafkaSource, OffsetStore};
 use crate::pipeline::{batch_interval, Pipeline, PublishReport};
 use crate::state::Store;
 
@@ -66,6 +76,14 @@ impl OffsetStore for Positions {
     }
 }
 
+/// After a shutdown signal, how long publishing may take before it is abandoned (the
+/// state and offsets are already stored; Kubernetes waits 60 s before its SIGKILL).
+pub const SHUTDOWN_PUBLISH_LIMIT: Duration = Duration::from_secs(30);
+
+/// After a shutdown signal, how long the batch's dead letters may take to be delivered;
+/// past it the batch is not stored (its events are read, and rejected, again next time).
+const SHUTDOWN_DEAD_LETTER_LIMIT: Duration = Duration::from_secs(10);
+
 /// How a run ends besides a signal, and what it serves on the side.
 #[derive(Default)]
 pub struct RunOptions {
@@ -84,6 +102,13 @@ pub struct RunOptions {
 #[derive(Debug, Default)]
 pub struct RunSummary {
     pub messages: u64,
+    /// Dead letters the broker acknowledged.
+    pub dead_letters: u64,
+    /// Failed publication attempts (transient ones were retried later).
+    pub failed_attempts: u64,
+    /// Tables whose latest publication attempt failed, with the error, at exit: what the
+    /// exit status reports (a failure that a later attempt repaired does not count).
+    pub still_failing: Vec<String>,
     pub published: PublishReport,
 }
 
@@ -96,11 +121,12 @@ pub async fn run(
 ) -> anyhow::Result<RunSummary> {
     let cfg = pipeline.fold.config().clone();
     let k = &cfg.pipeline.kafka;
-    let settings = KafkaSettings::new(
+    let mut settings = KafkaSettings::new(
         brokers,
         k.group_id.clone(),
         vec![k.enrollments_topic.clone(), k.telemetry_topic.clone()],
     );
+    settings.session_timeout_ms = k.session_timeout_ms;
     let positions = Arc::new(Positions::new(pipeline.fold.store().clone()));
     let source = KafkaSource::new(&settings, positions.clone())?;
     let topics = settings.topics.clone();
@@ -113,6 +139,20 @@ pub async fn run(
         );
     }
     let all_partitions: usize = counts.iter().map(|(_, n)| n).sum();
+    let mut dead_letters = match &k.dead_letter_topic {
+        Some(topic) => {
+            // Fail at start, not at the first reject, when the topic is missing.
+            tokio::task::block_in_place(|| {
+                source.partition_counts(std::slice::from_ref(topic), Duration::from_secs(30))
+            })
+            .map_err(|e| {
+                anyhow::anyhow!("dead-letter topic ([pipeline.kafka] dead_letter_topic): {e}")
+            })?;
+            Some(DeadLetters::new(brokers, topic, &settings.extra)?)
+        }
+        None => None,
+    };
+    let metrics = pipeline.metrics.clone();
     let mut partial_logged = false;
     let max_bytes = cfg.pipeline.max_message_bytes;
     let idle_after = Duration::from_millis(k.idle_partition_millis);
@@ -137,6 +177,9 @@ pub async fn run(
             .saturating_sub(pipeline.fold.pending_events())
             .max(1);
         let mut finalize_requests = opts.finalize.take();
+        // Counted as folded, not from poll_batch's answer: a signal can cancel the poll
+        // after some records were folded, and those count (their offsets are stored).
+        let mut consumed = 0u64;
         let polled = tokio::select! {
             _ = &mut shutdown => None,
             Some(req) = next_request(&mut finalize_requests) => {
@@ -148,6 +191,7 @@ pub async fn run(
                     None => Err(format!("experiment `{}` is not configured", req.slug)),
                 };
                 let _ = req.reply.send(answer);
+                summary.messages += consumed;
                 continue;
             }
             n = source.poll_batch(room, Duration::from_millis(200), |rec| {
@@ -156,23 +200,30 @@ pub async fn run(
                 } else {
                     (Kind::Telemetry, k.telemetry_format)
                 };
-                let decoded = match format {
-                    Format::Json => decode_json(rec.payload, kind, max_bytes).map(|e| pipeline.fold.apply(rec.topic, rec.partition, &e)),
-                    Format::Protobuf => decode_protobuf(rec.payload, kind, max_bytes).map(|e| pipeline.fold.apply(rec.topic, rec.partition, &e)),
-                };
-                if let Err(r) = decoded {
+                // Rejected by the decoder (counted here) or by the fold (counted there).
+                let rejected = match format {
+                    Format::Json => decode_json(rec.payload, kind, max_bytes),
+                    Format::Protobuf => decode_protobuf(rec.payload, kind, max_bytes),
+                }
+                .map_err(|r| {
                     pipeline.fold.reject(&r, rec.topic);
+                    r.reason
+                })
+                .map_or_else(Some, |e| pipeline.fold.apply(rec.topic, rec.partition, &e));
+                if let (Some(reason), Some(dl)) = (rejected, dead_letters.as_mut()) {
+                    dl.send(&rec, reason);
                 }
                 pipeline.fold.record_offset(rec.topic, rec.partition, rec.offset + 1);
                 positions.set(rec.topic, rec.partition, rec.offset + 1);
+                consumed += 1;
             }) => Some(n?),
         };
         opts.finalize = finalize_requests;
+        summary.messages += consumed;
         let Some(n) = polled else {
             tracing::info!("shutdown requested: flushing state and offsets");
             break;
         };
-        summary.messages += n as u64;
         if n > 0 {
             last_message = Instant::now();
         }
@@ -200,9 +251,15 @@ pub async fn run(
             || (pending > 0 && since >= interval)
             || since >= interval * 5
         {
+            // Dead letters first: the offsets stored next must not pass an undelivered one.
+            if !deliver_dead_letters(&mut dead_letters, &metrics, &mut summary, &mut shutdown).await
+            {
+                tracing::info!("shutdown requested while delivering dead letters");
+                break;
+            }
             let wm = pipeline.fold.watermark(idle).filter(|_| owns_all);
             let r = tokio::task::block_in_place(|| pipeline.flush_and_publish(wm, false))?;
-            summary.published.absorb(r);
+            summary.absorb(r);
             last_flush = Instant::now();
             committed.clear();
             for (topic, p) in source.assignment() {
@@ -292,11 +349,98 @@ pub async fn run(
             Some(idle_after)
         })
         .filter(|_| owns_all);
+    let delivered = deliver_dead_letters(
+        &mut dead_letters,
+        &metrics,
+        &mut summary,
+        tokio::time::sleep(SHUTDOWN_DEAD_LETTER_LIMIT),
+    )
+    .await;
+    if !delivered {
+        tracing::error!(
+            pending = pipeline.fold.pending_events(),
+            "the dead-letter topic did not acknowledge this batch's rejects in {SHUTDOWN_DEAD_LETTER_LIMIT:?}: the batch is not stored, and its events are read again at the next start"
+        );
+        return Ok(summary);
+    }
+    // State and offsets first, durably: whatever happens to the publication below, the
+    // next start resumes after this batch.
+    tokio::task::block_in_place(|| {
+        pipeline.fold.flush()?;
+        pipeline.fold.store().flush()
+    })?;
+    if !idle_stop {
+        abandon_publication_after(SHUTDOWN_PUBLISH_LIMIT);
+    }
     pipeline.late_check_interval = Duration::ZERO; // the last pass measures all late changes
     let r = tokio::task::block_in_place(|| pipeline.flush_and_publish(wm, false))?;
-    summary.published.absorb(r);
+    summary.absorb(r);
     pipeline.fold.store().flush()?;
+    summary.still_failing = still_failing(pipeline);
+    tracing::info!(
+        messages = summary.messages,
+        "stopped cleanly: state and offsets stored"
+    );
     Ok(summary)
+}
+
+impl RunSummary {
+    /// Adds a publication pass, keeping only the number of failures: a long sink outage
+    /// must not grow the summary.
+    fn absorb(&mut self, mut r: PublishReport) {
+        self.failed_attempts += r.failures.len() as u64;
+        r.failures.clear();
+        self.published.absorb(r);
+    }
+}
+
+/// Tables whose last publication attempt failed (`table: error`).
+fn still_failing(pipeline: &Pipeline) -> Vec<String> {
+    let experiments = pipeline.fold.config().experiments.len();
+    (0..experiments)
+        .map(Some)
+        .chain([None])
+        .flat_map(|x| pipeline.fold.published(x).iter())
+        .filter(|(_, rec)| rec.failures > 0)
+        .map(|(table, rec)| format!("{table}: {}", rec.last_error.as_deref().unwrap_or("failed")))
+        .collect()
+}
+
+/// Delivers the pending batch's dead letters (if a topic is configured); false when `stop`
+/// resolved first, in which case the batch must not be stored.
+async fn deliver_dead_letters(
+    dead_letters: &mut Option<DeadLetters>,
+    metrics: &PipelineMetrics,
+    summary: &mut RunSummary,
+    stop: impl std::future::Future<Output = ()>,
+) -> bool {
+    let Some(dl) = dead_letters.as_mut() else {
+        return true;
+    };
+    if dl.pending() == 0 {
+        return true;
+    }
+    let delivery = dl.deliver_all(|r| {
+        summary.dead_letters += r.delivered;
+        metrics.record_dead_letters(r);
+    });
+    tokio::select! {
+        _ = delivery => true,
+        _ = stop => false,
+    }
+}
+
+/// Ends the process if publishing after a shutdown signal takes longer than `limit`. Safe
+/// because the state and offsets were stored first and publication steps are idempotent:
+/// the next start publishes whatever was in flight again (a SIGKILL here would do the same).
+fn abandon_publication_after(limit: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        tracing::warn!(
+            "publication still running {limit:?} after the shutdown signal: abandoning it (state and offsets are stored; it is published again at the next start)"
+        );
+        std::process::exit(0);
+    });
 }
 
 /// The next HTTP finalize request, or never when there is no API.

@@ -7,10 +7,14 @@
 //! restart it; dropping it kills it.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use slipstream::publish::bigquery::{BigQueryConfig, BigQuerySink};
 
 /// A running emulator; dropping it kills it.
 pub struct BqEmulator {
@@ -164,6 +168,68 @@ impl Drop for BqEmulator {
         // Keep the log of a failed test for reading; otherwise leave nothing behind.
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Runs a query on the emulator; its rows.
+pub fn query(emu: &BqEmulator, sql: &str) -> Vec<Value> {
+    let mut c = BigQueryConfig::new(&emu.project, "unused");
+    c.rest_url = Some(emu.rest_url());
+    c.grpc_url = Some(emu.grpc_url());
+    BigQuerySink::new(c).unwrap().query_rows(sql).unwrap()
+}
+
+/// A row as comparable text. Numbers are compared at 12 significant digits: the
+/// emulator's JSON answers can be one ulp off the double that was written.
+pub fn canonical(row: &Value) -> String {
+    let obj: BTreeMap<String, String> = row
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::Number(n) => format!("{:.11e}", n.as_f64().unwrap()),
+                Value::String(s) => match s.parse::<f64>() {
+                    Ok(x) if k == "parameter" => format!("{x:.11e}"),
+                    _ => s.clone(),
+                },
+                other => other.to_string(),
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    format!("{obj:?}")
+}
+
+/// Rows as sorted comparable text.
+pub fn sorted(rows: &[Value]) -> Vec<String> {
+    let mut v: Vec<String> = rows.iter().map(canonical).collect();
+    v.sort();
+    v
+}
+
+/// Asserts every table of a local-sink directory (at least `min_tables`) is in `dataset`
+/// with the same rows, once each.
+pub fn assert_bigquery_equals_local(
+    emu: &BqEmulator,
+    dataset: &str,
+    local: &Path,
+    min_tables: usize,
+) {
+    let tables = super::all_tables(local);
+    assert!(tables.len() >= min_tables, "only {} tables", tables.len());
+    for name in tables.keys() {
+        let table = name.trim_end_matches(".ndjson");
+        let want = super::table(local, table);
+        let got = query(emu, &format!("SELECT * FROM {dataset}.{table}"));
+        assert_eq!(got.len(), want.len(), "{table}: row count");
+        let (g, w) = (sorted(&got), sorted(&want));
+        if let Some(i) = (0..g.len()).find(|&i| g[i] != w[i]) {
+            panic!(
+                "{table}: rows differ; first difference:\n bigquery: {}\n local:    {}",
+                g[i], w[i]
+            );
         }
     }
 }

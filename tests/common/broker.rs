@@ -11,8 +11,10 @@ use std::sync::OnceLock;
 
 /// A running tansu broker; dropping it stops the broker.
 pub struct Broker {
-    /// `127.0.0.1:PORT`, for `bootstrap.servers`.
+    /// `127.0.0.1:PORT`, for `bootstrap.servers` (the advertised port).
     pub addr: String,
+    /// The port tansu listens on (the same as `addr`'s unless behind a proxy).
+    listen_port: u16,
     /// The broker process (spawned detached by the script, so we hold its pid, not a `Child`).
     child: u32,
     /// The tansu binary, for creating more topics.
@@ -78,6 +80,29 @@ impl Broker {
 
     /// Starts a broker on a given port (for tests where clients must exist before the broker).
     pub fn start_on(port: u16, partitions: u32) -> Result<Broker, String> {
+        Broker::start_with(port, port, partitions)
+    }
+
+    /// Starts a broker that tells clients to connect to `advertised` (where a test runs a
+    /// [`super::proxy::Proxy`] to this broker), and whose `addr` is that port. Retries on
+    /// another listening port if the chosen one was taken.
+    pub fn start_advertised(advertised: u16, partitions: u32) -> Broker {
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            match Broker::start_with(free_port(), advertised, partitions) {
+                Ok(broker) => return broker,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("could not start tansu: {last_error}");
+    }
+
+    /// The port the broker itself listens on (not the advertised one).
+    pub fn listen_port(&self) -> u16 {
+        self.listen_port
+    }
+
+    fn start_with(port: u16, advertised: u16, partitions: u32) -> Result<Broker, String> {
         let tansu = PathBuf::from(run_script("install-tansu.sh", &[], &[])?);
         let dir = std::env::temp_dir().join(format!("slipstream-tansu-{port}"));
         let dir_arg = dir.to_string_lossy().into_owned();
@@ -85,13 +110,15 @@ impl Broker {
             ("PARTITIONS", partitions.to_string()),
             // The broker dies with this test binary even if Drop never runs (statics, panics).
             ("WATCH_PID", std::process::id().to_string()),
+            ("ADVERTISED_PORT", advertised.to_string()),
         ];
         let pid = run_script("start-tansu.sh", &[&port.to_string(), &dir_arg], &envs)?;
         let child = pid
             .parse()
             .map_err(|_| format!("start-tansu.sh printed {pid:?}, not a pid"))?;
         Ok(Broker {
-            addr: format!("127.0.0.1:{port}"),
+            addr: format!("127.0.0.1:{advertised}"),
+            listen_port: port,
             child,
             tansu,
             dir,
@@ -110,7 +137,8 @@ impl Broker {
         while proc_dir.exists() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let port = self
+        let port = self.listen_port.to_string();
+        let advertised = self
             .addr
             .rsplit(':')
             .next()
@@ -120,6 +148,7 @@ impl Broker {
         let envs = [
             ("PARTITIONS", partitions.to_string()),
             ("WATCH_PID", std::process::id().to_string()),
+            ("ADVERTISED_PORT", advertised),
         ];
         // The port can linger for a moment after the old process exits.
         let mut last_error = String::new();

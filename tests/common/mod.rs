@@ -65,4 +65,6 @@ pub fn all_tables(dir: &Path) -> std::collections::BTreeMap<String, String> {
 
 pub mod bqemulator;
 pub mod broker;
+pub mod proxy;
 pub mod server;
+pub mod stream;

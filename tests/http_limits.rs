@@ -1,0 +1,84 @@
+//! HTTP request limits against the real server: a body over 64 KiB is refused with 413
+//! before any handler runs, and with a token set the finalize trigger (a POST) is refused
+//! without it. (Refusals of GETs without the token, and the bounded query range, are
+//! tested in `http_health.rs` and `http.rs`.)
+
+mod common;
+
+use common::server::Server;
+use common::*;
+
+const CONFIG: &str = r#"
+[[experiment]]
+slug = "limits-test"
+branches = ["control", "treatment"]
+enrollment_start = "2026-11-01"
+enrollment_period = 3
+end_date = "2026-11-20"
+"#;
+
+#[test]
+fn oversized_bodies_get_413_and_an_unauthenticated_post_gets_401() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "c.toml", CONFIG);
+    let events = write(dir.path(), "e.ndjson", "");
+    let state = dir.path().join("state");
+    slipstream(&[
+        "replay",
+        "--config",
+        p(&cfg),
+        "--input",
+        p(&events),
+        "--data-dir",
+        p(&state),
+        "--out",
+        p(&dir.path().join("out")),
+    ]);
+    let token = "limits-token";
+    let server = Server::start(&cfg, &state, Some(token));
+    // No connection reuse: the server closes a connection whose body it refused to read.
+    let client = reqwest::blocking::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let big = vec![b'x'; 100 * 1024];
+    for (method, path) in [
+        (
+            reqwest::Method::POST,
+            "/v1/experiments/limits-test/finalize",
+        ),
+        (reqwest::Method::GET, "/v1/dau?date=2026-11-02"),
+    ] {
+        let r = client
+            .request(method.clone(), format!("{}{path}", server.base))
+            .bearer_auth(token)
+            .body(big.clone())
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 413, "{method} {path} with 100 KiB");
+    }
+    // A small body passes the limit (serve holds no pipeline: 409 for finalize).
+    let r = client
+        .post(format!(
+            "{}/v1/experiments/limits-test/finalize",
+            server.base
+        ))
+        .bearer_auth(token)
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 409, "{}", r.text().unwrap());
+    for auth in [None, Some("limits-tokeX")] {
+        let mut req = client.post(format!(
+            "{}/v1/experiments/limits-test/finalize",
+            server.base
+        ));
+        if let Some(t) = auth {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().unwrap();
+        assert_eq!(r.status().as_u16(), 401, "POST finalize with {auth:?}");
+        assert!(r.headers().contains_key("www-authenticate"));
+    }
+    assert_eq!(server.raw("/healthz", None).0, 200);
+}
