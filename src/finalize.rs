@@ -6,8 +6,9 @@
 //! the windows that late data changed by more than the threshold, and every dirty window
 //! whose look-back is over, retries failed publications, drops the per-client state of
 //! experiments whose results are final once their retention is over, and records one
-//! status per experiment and day, which the health endpoint reads. `backfill` recomputes from an event archive into a fresh data directory and
-//! re-publishes, for a changed or added metric.
+//! status per experiment and day, which the health endpoint reads. `backfill` recomputes
+//! from an event archive or the brokers into a fresh data directory and re-publishes, for
+//! a changed or added metric.
 
 use chrono::NaiveDate;
 

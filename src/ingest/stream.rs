@@ -184,6 +184,12 @@ pub async fn run(
             _ = &mut shutdown => None,
             Some(req) = next_request(&mut finalize_requests) => {
                 opts.finalize = finalize_requests;
+                // finalize stores the pending batch and its offsets: dead letters first.
+                if !deliver_dead_letters(&mut dead_letters, &metrics, &mut summary, &mut shutdown).await {
+                    let _ = req.reply.send(Err("the service is shutting down".into()));
+                    tracing::info!("shutdown requested while delivering dead letters");
+                    break;
+                }
                 let answer = match cfg.experiments.iter().position(|e| e.slug == req.slug) {
                     Some(x) => tokio::task::block_in_place(|| crate::finalize::finalize(pipeline, req.date, Some(x)))
                         .map(|(mut statuses, _)| statuses.remove(0))
