@@ -49,50 +49,78 @@ fn run(args: &[&str]) -> (bool, String) {
     )
 }
 
+/// A config, an event file (EVENTS), a data directory and an output directory.
+struct Setup {
+    cfg: std::path::PathBuf,
+    input: std::path::PathBuf,
+    state: std::path::PathBuf,
+    out: std::path::PathBuf,
+}
+
+impl Setup {
+    fn new(dir: &std::path::Path, config: &str) -> Setup {
+        Setup {
+            cfg: write(dir, "c.toml", config),
+            input: write(dir, "events.ndjson", EVENTS),
+            state: dir.join("state"),
+            out: dir.join("out"),
+        }
+    }
+
+    fn replay(&self) {
+        slipstream(&[
+            "replay",
+            "--config",
+            p(&self.cfg),
+            "--input",
+            p(&self.input),
+            "--data-dir",
+            p(&self.state),
+            "--out",
+            p(&self.out),
+        ]);
+    }
+
+    /// Runs `finalize --date date`, asserts that fin-test succeeded, returns stdout.
+    fn finalize_ok(&self, date: &str) -> String {
+        let (ok, stdout) = run(&[
+            "finalize",
+            "--config",
+            p(&self.cfg),
+            "--data-dir",
+            p(&self.state),
+            "--date",
+            date,
+            "--out",
+            p(&self.out),
+        ]);
+        assert!(ok, "{stdout}");
+        assert!(
+            stdout.contains(&format!("{date} fin-test: succeeded\n")),
+            "{stdout}"
+        );
+        stdout
+    }
+}
+
 #[test]
 fn finalize_publishes_a_quiet_streams_windows_and_reports_statuses() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write(dir.path(), "c.toml", CONFIG);
-    let input = write(dir.path(), "events.ndjson", EVENTS);
-    let (state, out) = (dir.path().join("state"), dir.path().join("out"));
-    slipstream(&[
-        "replay",
-        "--config",
-        p(&cfg),
-        "--input",
-        p(&input),
-        "--data-dir",
-        p(&state),
-        "--out",
-        p(&out),
-    ]);
+    let setup = Setup::new(dir.path(), CONFIG);
+    let (input, out) = (&setup.input, &setup.out);
+    setup.replay();
     // The watermark (11-05 12:00 minus 24 h) completes day windows 1-2 only.
     assert!(out.join("fin_test_enrollments_day_2.ndjson").exists());
     assert!(!out.join("fin_test_enrollments_overall_1.ndjson").exists());
-    let (ok, stdout) = run(&[
-        "finalize",
-        "--config",
-        p(&cfg),
-        "--data-dir",
-        p(&state),
-        "--date",
-        "2026-11-12",
-        "--out",
-        p(&out),
-    ]);
-    assert!(ok, "{stdout}");
-    assert!(
-        stdout.contains("2026-11-12 fin-test: succeeded\n"),
-        "{stdout}"
-    );
+    let stdout = setup.finalize_ok("2026-11-12");
     assert!(
         stdout.contains("2026-11-12 empty-test: succeeded, no data\n"),
         "{stdout}"
     );
-    let overall = table(&out, "fin_test_enrollments_overall_1");
+    let overall = table(out, "fin_test_enrollments_overall_1");
     assert_eq!(row(&overall, "A")["active_hours"], 5.0);
     assert_eq!(row(&overall, "B")["active_hours"], 2.0);
-    assert_eq!(table(&out, "enrollments_empty_test").len(), 0);
+    assert_eq!(table(out, "enrollments_empty_test").len(), 0);
 
     // Late data below the threshold: A's second event of 11-05 moves day 5's active_hours
     // sum from 4 to 5 (+25%, not above 0.5; no other metric changes) and the overall
@@ -100,42 +128,14 @@ fn finalize_publishes_a_quiet_streams_windows_and_reports_statuses() {
     let mut text = EVENTS.to_string();
     text.push_str(r#"{"client_id":"A","submission_timestamp":"2026-11-05T13:00:00Z","experiments":{"fin-test":"control"},"metrics":{"active_hours":1.0}}"#);
     text.push('\n');
-    std::fs::write(&input, &text).unwrap();
-    let replay = || {
-        slipstream(&[
-            "replay",
-            "--config",
-            p(&cfg),
-            "--input",
-            p(&input),
-            "--data-dir",
-            p(&state),
-            "--out",
-            p(&out),
-        ])
-    };
-    replay();
-    let a = |t: &str| row(&table(&out, t), "A")["active_hours"].as_f64().unwrap();
+    std::fs::write(input, &text).unwrap();
+    setup.replay();
+    let a = |t: &str| row(&table(out, t), "A")["active_hours"].as_f64().unwrap();
     assert_eq!(a("fin_test_enrollments_day_5"), 4.0);
     // ... nor by a finalize within the look-back (day 5 completes on 11-07, its look-back
     // of 3 days ends on 11-10); still a success, the change is pending ...
     let finalize_on = |date: &str| {
-        let (ok, stdout) = run(&[
-            "finalize",
-            "--config",
-            p(&cfg),
-            "--data-dir",
-            p(&state),
-            "--date",
-            date,
-            "--out",
-            p(&out),
-        ]);
-        assert!(ok, "{stdout}");
-        assert!(
-            stdout.contains(&format!("{date} fin-test: succeeded\n")),
-            "{stdout}"
-        );
+        setup.finalize_ok(date);
     };
     finalize_on("2026-11-08");
     assert_eq!(a("fin_test_enrollments_day_5"), 4.0);
@@ -153,9 +153,9 @@ fn finalize_publishes_a_quiet_streams_windows_and_reports_statuses() {
 {"client_id":"B","submission_timestamp":"2026-11-05T13:00:00Z","experiments":{"fin-test":"treatment"},"metrics":{"active_hours":0.25}}
 {"client_id":"A","submission_timestamp":"2026-11-04T13:00:00Z","experiments":{"fin-test":"control"},"metrics":{"active_hours":0.5}}
 "#);
-    std::fs::write(&input, &text).unwrap();
-    replay();
-    let d4 = table(&out, "fin_test_enrollments_day_4");
+    std::fs::write(input, &text).unwrap();
+    setup.replay();
+    let d4 = table(out, "fin_test_enrollments_day_4");
     assert_eq!(row(&d4, "A")["active_hours"], 1.0);
     assert_eq!(row(&d4, "B")["active_hours"], 0.25);
 }
@@ -435,51 +435,17 @@ fn finalize_over_http_while_running() {
 #[test]
 fn finalize_drops_per_client_state_once_results_are_final_and_retention_is_over() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write(
-        dir.path(),
-        "c.toml",
-        &CONFIG.replace(
-            "republish_threshold = 0.5",
-            "republish_threshold = 0.5\nretention_days = 5",
-        ),
+    let config = CONFIG.replace(
+        "republish_threshold = 0.5",
+        "republish_threshold = 0.5\nretention_days = 5",
     );
-    let input = write(dir.path(), "events.ndjson", EVENTS);
-    let (state, out) = (dir.path().join("state"), dir.path().join("out"));
-    let replay = || {
-        slipstream(&[
-            "replay",
-            "--config",
-            p(&cfg),
-            "--input",
-            p(&input),
-            "--data-dir",
-            p(&state),
-            "--out",
-            p(&out),
-        ])
-    };
-    let finalize_on = |date: &str| {
-        let (ok, stdout) = run(&[
-            "finalize",
-            "--config",
-            p(&cfg),
-            "--data-dir",
-            p(&state),
-            "--date",
-            date,
-            "--out",
-            p(&out),
-        ]);
-        assert!(ok, "{stdout}");
-        assert!(
-            stdout.contains(&format!("{date} fin-test: succeeded\n")),
-            "{stdout}"
-        );
-        stdout
-    };
+    let setup = Setup::new(dir.path(), &config);
+    let (cfg, input, state, out) = (&setup.cfg, &setup.input, &setup.state, &setup.out);
+    let replay = || setup.replay();
+    let finalize_on = |date: &str| setup.finalize_ok(date);
     let enrollment_records = || {
-        let config = slipstream::config::load(&cfg).unwrap();
-        let store = slipstream::state::Store::open(&state, &config).unwrap();
+        let config = slipstream::config::load(cfg).unwrap();
+        let store = slipstream::state::Store::open(state, &config).unwrap();
         store.enrollments("fin-test").count()
     };
     replay();
@@ -500,11 +466,11 @@ fn finalize_drops_per_client_state_once_results_are_final_and_retention_is_over(
         "{stdout}"
     );
     assert_eq!(enrollment_records(), 0);
-    let overall = all_tables(&out);
+    let overall = all_tables(out);
     {
         // The HTTP API still answers: health says so, DAU comes from the kept sketches,
         // the published statistics stay.
-        let server = common::server::Server::start(&cfg, &state, None);
+        let server = common::server::Server::start(cfg, state, None);
         let health = server.ok("/v1/experiments/fin-test/health");
         assert_eq!(health["per_client_state_dropped"], true, "{health}");
         assert_eq!(health["status"], "ok", "{health}");
@@ -522,12 +488,12 @@ fn finalize_drops_per_client_state_once_results_are_final_and_retention_is_over(
     text.push_str(r#"{"client_id":"C","experiment":"fin-test","branch":"control","event":"enroll","timestamp":"2026-11-02T11:00:00Z"}
 {"client_id":"A","submission_timestamp":"2026-11-05T13:00:00Z","experiments":{"fin-test":"control"},"metrics":{"active_hours":100.0}}
 "#);
-    std::fs::write(&input, &text).unwrap();
+    std::fs::write(input, &text).unwrap();
     replay();
     let stdout = finalize_on("2026-11-18");
     assert!(!stdout.contains("dropped"), "{stdout}");
     assert_eq!(enrollment_records(), 0);
-    assert_eq!(all_tables(&out), overall);
+    assert_eq!(all_tables(out), overall);
 }
 
 /// `backfill --brokers --from-beginning` reads the topics from the earliest retained
