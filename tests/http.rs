@@ -248,20 +248,7 @@ fn a_client_counts_once_across_days_and_dimension_values() {
 #[test]
 fn bad_requests_get_a_400_that_names_the_parameter() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write(dir.path(), "c.toml", CONFIG);
-    let events = write(dir.path(), "e.ndjson", "");
-    let state = dir.path().join("state");
-    slipstream(&[
-        "replay",
-        "--config",
-        p(&cfg),
-        "--input",
-        p(&events),
-        "--data-dir",
-        p(&state),
-        "--out",
-        p(&dir.path().join("out")),
-    ]);
+    let (cfg, state) = replay_into(dir.path(), CONFIG, "");
     let s = Server::start(&cfg, &state, None);
     for (path, needle) in [
         ("/v1/dau", "expected either"),

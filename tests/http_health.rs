@@ -396,20 +396,7 @@ fn probe(args: &[&str], token: Option<&str>) -> (i32, String) {
 #[test]
 fn a_token_protects_everything_but_healthz() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write(dir.path(), "c.toml", CONFIG);
-    let events = write(dir.path(), "e.ndjson", "");
-    let state = dir.path().join("state");
-    slipstream(&[
-        "replay",
-        "--config",
-        p(&cfg),
-        "--input",
-        p(&events),
-        "--data-dir",
-        p(&state),
-        "--out",
-        p(&dir.path().join("out")),
-    ]);
+    let (cfg, state) = replay_into(dir.path(), CONFIG, "");
     let token = "s3cret-token-value";
     let server = Server::start(&cfg, &state, Some(token));
     // Liveness stays open: it says only that the process answers.
@@ -472,20 +459,7 @@ fn the_token_can_come_from_a_file_named_in_config() {
             1,
         )
     };
-    let cfg = write(dir.path(), "c.toml", &with_file(&secret));
-    let events = write(dir.path(), "e.ndjson", "");
-    let state = dir.path().join("state");
-    slipstream(&[
-        "replay",
-        "--config",
-        p(&cfg),
-        "--input",
-        p(&events),
-        "--data-dir",
-        p(&state),
-        "--out",
-        p(&dir.path().join("out")),
-    ]);
+    let (cfg, state) = replay_into(dir.path(), &with_file(&secret), "");
     let server = Server::start(&cfg, &state, None);
     assert_eq!(server.raw("/healthz", None).0, 200);
     assert_eq!(server.raw("/readyz", None).0, 401);

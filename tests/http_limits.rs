@@ -20,20 +20,7 @@ end_date = "2026-11-20"
 #[test]
 fn oversized_bodies_get_413_and_an_unauthenticated_post_gets_401() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write(dir.path(), "c.toml", CONFIG);
-    let events = write(dir.path(), "e.ndjson", "");
-    let state = dir.path().join("state");
-    slipstream(&[
-        "replay",
-        "--config",
-        p(&cfg),
-        "--input",
-        p(&events),
-        "--data-dir",
-        p(&state),
-        "--out",
-        p(&dir.path().join("out")),
-    ]);
+    let (cfg, state) = replay_into(dir.path(), CONFIG, "");
     let token = "limits-token";
     let server = Server::start(&cfg, &state, Some(token));
     // No connection reuse: the server closes a connection whose body it refused to read.

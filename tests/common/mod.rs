@@ -68,3 +68,23 @@ pub mod broker;
 pub mod proxy;
 pub mod server;
 pub mod stream;
+
+/// Writes `config` to `dir/c.toml` and `events` to `dir/e.ndjson`, replays them into
+/// `dir/state` (tables in `dir/out`) and returns the config and state paths.
+pub fn replay_into(dir: &Path, config: &str, events: &str) -> (PathBuf, PathBuf) {
+    let cfg = write(dir, "c.toml", config);
+    let input = write(dir, "e.ndjson", events);
+    let state = dir.join("state");
+    slipstream(&[
+        "replay",
+        "--config",
+        p(&cfg),
+        "--input",
+        p(&input),
+        "--data-dir",
+        p(&state),
+        "--out",
+        p(&dir.join("out")),
+    ]);
+    (cfg, state)
+}
