@@ -127,22 +127,8 @@ fn every_reject_is_written_to_the_dead_letter_topic_with_its_reason() {
     let want_tables = replay_tables(dir.path(), &cfg, &events);
     produce(&broker.addr, &cfg, &events);
 
-    let (state, out) = (dir.path().join("state"), dir.path().join("out"));
-    let run = Run::start(
-        "run",
-        &[
-            "--config",
-            p(&cfg),
-            "--brokers",
-            &broker.addr,
-            "--data-dir",
-            p(&state),
-            "--out",
-            p(&out),
-            "--idle-exit-secs",
-            "4",
-        ],
-    );
+    let out = dir.path().join("out");
+    let run = Run::start("run", &run_args(&cfg, &broker.addr, dir.path(), 4));
     let (status, stdout) = run.wait(Duration::from_secs(120));
     assert!(status.success(), "{stdout}");
     let by_reason = rejects(&stdout);

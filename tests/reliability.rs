@@ -29,19 +29,8 @@ fn sigkill_at_random_moments_while_the_stream_flows() {
         Duration::from_millis(800),
     );
 
-    let (state, out) = (dir.path().join("state"), dir.path().join("out"));
-    let args = [
-        "--config",
-        p(&cfg),
-        "--brokers",
-        &broker.addr,
-        "--data-dir",
-        p(&state),
-        "--out",
-        p(&out),
-        "--idle-exit-secs",
-        "4",
-    ];
+    let out = dir.path().join("out");
+    let args = run_args(&cfg, &broker.addr, dir.path(), 4);
     let mut rng = Rng::from_env_or_time("sigkill test");
     let started = Instant::now();
     let mut kills = 0;
@@ -102,24 +91,9 @@ fn sigterm_stops_cleanly_with_offsets_covering_exactly_what_was_folded() {
     produce(&broker.addr, &cfg, &chunks[0]);
 
     let (state, out) = (dir.path().join("state"), dir.path().join("out"));
-    let args = [
-        "--config",
-        p(&cfg),
-        "--brokers",
-        &broker.addr,
-        "--data-dir",
-        p(&state),
-        "--out",
-        p(&out),
-        "--idle-exit-secs",
-        "4",
-    ];
+    let args = run_args(&cfg, &broker.addr, dir.path(), 4);
     let mut run = Run::start("run", &args);
-    assert!(
-        run.wait_for("partition assigned", 1, Duration::from_secs(40)),
-        "{}",
-        run.log_tail(30)
-    );
+    run.assert_assigned();
     // Mid-stream: the rest arrives while it runs, and the signal lands in the middle.
     let producer = trickle(
         &broker.addr,
@@ -194,26 +168,11 @@ fn a_broker_outage_longer_than_the_session_timeout_loses_and_doubles_nothing() {
     let chunks = split(&events, 2);
     produce(&broker.addr, &cfg, &chunks[0]);
 
-    let (state, out) = (dir.path().join("state"), dir.path().join("out"));
+    let out = dir.path().join("out");
     // Idle exit only after longer quiet than the outage.
-    let args = [
-        "--config",
-        p(&cfg),
-        "--brokers",
-        &broker.addr,
-        "--data-dir",
-        p(&state),
-        "--out",
-        p(&out),
-        "--idle-exit-secs",
-        "15",
-    ];
+    let args = run_args(&cfg, &broker.addr, dir.path(), 15);
     let mut run = Run::start("run", &args);
-    assert!(
-        run.wait_for("partition assigned", 1, Duration::from_secs(40)),
-        "{}",
-        run.log_tail(30)
-    );
+    run.assert_assigned();
     std::thread::sleep(Duration::from_millis(1500));
     proxy.cut();
     let outage = Duration::from_secs(10); // > session.timeout.ms (6 s) and batch_millis
@@ -249,38 +208,14 @@ fn a_second_instance_joining_and_leaving_the_group_loses_nothing() {
         Duration::from_millis(900),
     );
 
-    let run_args = |name: &str| {
-        let d = dir.path().join(name);
-        vec![
-            "--config".to_string(),
-            p(&cfg).to_string(),
-            "--brokers".into(),
-            broker.addr.clone(),
-            "--data-dir".into(),
-            p(&d.join("state")).to_string(),
-            "--out".into(),
-            p(&d.join("out")).to_string(),
-            "--idle-exit-secs".into(),
-            "6".into(),
-        ]
-    };
-    let (a_args, b_args) = (run_args("a"), run_args("b"));
-    let a_args: Vec<&str> = a_args.iter().map(String::as_str).collect();
-    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let a_args = run_args(&cfg, &broker.addr, &dir.path().join("a"), 6);
+    let b_args = run_args(&cfg, &broker.addr, &dir.path().join("b"), 6);
     let mut a = Run::start("instance A", &a_args);
-    assert!(
-        a.wait_for("partition assigned", 1, Duration::from_secs(40)),
-        "{}",
-        a.log_tail(30)
-    );
+    a.assert_assigned();
     std::thread::sleep(Duration::from_secs(1));
     // B joins mid-stream and takes some partitions from A.
     let mut b = Run::start("instance B", &b_args);
-    assert!(
-        b.wait_for("partition assigned", 1, Duration::from_secs(40)),
-        "B got no partition:\n{}",
-        b.log_tail(30)
-    );
+    b.assert_assigned();
     assert!(
         a.wait_for("partition revoked", 1, Duration::from_secs(10)),
         "A gave nothing up:\n{}",

@@ -175,11 +175,15 @@ pub struct Run {
 
 impl Run {
     /// Starts `slipstream run` with the given arguments after `run` (log level info).
-    pub fn start(name: &str, args: &[&str]) -> Run {
+    pub fn start<S: AsRef<std::ffi::OsStr>>(name: &str, args: &[S]) -> Run {
         Run::start_env(name, args, &[])
     }
 
-    pub fn start_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
+    pub fn start_env<S: AsRef<std::ffi::OsStr>>(
+        name: &str,
+        args: &[S],
+        env: &[(&str, &str)],
+    ) -> Run {
         let mut cmd = Command::new(bin());
         cmd.arg("run")
             .args(args)
@@ -233,6 +237,16 @@ impl Run {
     }
 
     /// Waits until the log holds `n` lines containing `needle`; false on timeout or exit.
+    /// Waits (up to 40 s) until the consumer got its first partition; panics otherwise.
+    pub fn assert_assigned(&mut self) {
+        assert!(
+            self.wait_for("partition assigned", 1, Duration::from_secs(40)),
+            "{} got no partition:\n{}",
+            self.name,
+            self.log_tail(30)
+        );
+    }
+
     pub fn wait_for(&mut self, needle: &str, n: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
@@ -340,4 +354,21 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0 % n.max(1)
     }
+}
+
+/// Arguments of `slipstream run` on `brokers` with state in `dir/state`, tables in
+/// `dir/out`, stopping after `idle_exit_secs` of quiet once caught up.
+pub fn run_args(cfg: &Path, brokers: &str, dir: &Path, idle_exit_secs: u32) -> Vec<String> {
+    vec![
+        "--config".into(),
+        p(cfg).into(),
+        "--brokers".into(),
+        brokers.into(),
+        "--data-dir".into(),
+        p(&dir.join("state")).into(),
+        "--out".into(),
+        p(&dir.join("out")).into(),
+        "--idle-exit-secs".into(),
+        idle_exit_secs.to_string(),
+    ]
 }
