@@ -64,6 +64,9 @@ pub struct PipelineConfig {
     /// Days after a window completes during which smaller late changes wait in state;
     /// the first `finalize` after them publishes whatever changed.
     pub late_lookback_days: u32,
+    /// Least time between two measurements of the same dirty window while late events
+    /// keep arriving (each reads the window's state; the end of a replay always measures).
+    pub late_check_secs: u64,
     /// Days after an experiment's results are final (its end date plus the look-back)
     /// before `finalize` drops its per-client state; sketches are kept.
     pub retention_days: u32,
@@ -124,6 +127,7 @@ impl Default for PipelineConfig {
             max_message_bytes: 1 << 20,
             republish_threshold: 0.01,
             late_lookback_days: 3,
+            late_check_secs: 300,
             retention_days: 30,
             batch_events: 50_000,
             batch_millis: 1_000,

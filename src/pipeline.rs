@@ -48,6 +48,8 @@ pub struct PhaseTimes {
     pub flush: Duration,
     /// Reading state and computing rows and statistics.
     pub materialize: Duration,
+    /// The part of `materialize` spent measuring windows changed by late data.
+    pub late: Duration,
     /// Handing tables to the sink.
     pub sink: Duration,
 }
@@ -70,12 +72,9 @@ pub struct Pipeline {
     /// above the threshold.
     late_measured: HashMap<(usize, String), (u64, Instant, bool)>,
     /// Least time between two measurements of the same dirty window while late events
-    /// keep arriving (each measurement reads the window's state).
+    /// keep arriving (each measurement reads the window's state): `late_check_secs`.
     pub late_check_interval: Duration,
 }
-
-/// Default [`Pipeline::late_check_interval`].
-pub const LATE_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
@@ -83,6 +82,7 @@ fn now_micros() -> i64 {
 
 impl Pipeline {
     pub fn new(fold: Fold, sink: Box<dyn Sink>) -> Self {
+        let late_check_secs = fold.config().pipeline.late_check_secs;
         Pipeline {
             fold,
             sink,
@@ -92,8 +92,8 @@ impl Pipeline {
             metrics: Arc::new(crate::health::PipelineMetrics::new()),
             backoff: Duration::ZERO,
             backoff_until: None,
+            late_check_interval: Duration::from_secs(late_check_secs),
             late_measured: HashMap::new(),
-            late_check_interval: LATE_CHECK_INTERVAL,
         }
     }
 
@@ -188,6 +188,7 @@ impl Pipeline {
             let tables =
                 materialize::build(&exp, self.fold.store(), &due, &self.fold.config().pipeline)?;
             self.times.materialize += started.elapsed();
+            self.times.late += started.elapsed();
             for (&(w, late), window_tables) in
                 chunk.iter().zip(tables.chunks(exp.analysis_bases.len()))
             {
