@@ -85,6 +85,12 @@ pub struct RunOptions {
 pub struct RunSummary {
     pub messages: u64,
     pub published: PublishReport,
+    /// When the first and the last message were handed to the fold: the consume rate is
+    /// measured between them, without the group join before or the idle wait after.
+    pub first_message: Option<Instant>,
+    pub last_message: Option<Instant>,
+    /// The flush and publication after the loop ended (the last batch's durability).
+    pub final_flush: Duration,
 }
 
 /// Consumes until `shutdown` resolves (or the idle limit), then flushes and publishes.
@@ -165,6 +171,9 @@ pub async fn run(
                 }
                 pipeline.fold.record_offset(rec.topic, rec.partition, rec.offset + 1);
                 positions.set(rec.topic, rec.partition, rec.offset + 1);
+                let now = Instant::now();
+                summary.first_message.get_or_insert(now);
+                summary.last_message = Some(now);
             }) => Some(n?),
         };
         opts.finalize = finalize_requests;
@@ -293,9 +302,11 @@ pub async fn run(
         })
         .filter(|_| owns_all);
     pipeline.late_check_interval = Duration::ZERO; // the last pass measures all late changes
+    let started = Instant::now();
     let r = tokio::task::block_in_place(|| pipeline.flush_and_publish(wm, false))?;
     summary.published.absorb(r);
     pipeline.fold.store().flush()?;
+    summary.final_flush = started.elapsed();
     Ok(summary)
 }
 
