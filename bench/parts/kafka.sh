@@ -2,7 +2,7 @@
 # Kafka path vs the broker's own limit (issue 7, part 2): messages per second through
 # `slipstream run` from a local tansu broker, against a bare rdkafka consumer with the same
 # client settings (bench/kafka_read.rs) reading the same topics, alternated in one run.
-# SCALE=full: 100,000 clients (about 2.3M events); quick: 10,000. RUNS (default 3) pairs.
+# SCALE=full: 100,000 clients (about 2.3M events); quick: 10,000. RUNS (default 3) rounds of the three consumers.
 source "$(dirname "$0")/../lib.sh"
 
 clients=$([ "$SCALE" = full ] && echo 100000 || echo 10000)
