@@ -4,44 +4,20 @@
 //! Scale (env): SKETCH_BENCH_CLIENTS clients active per day (default
 //! 1,000,000, out of a pool twice that size), SKETCH_BENCH_COMBOS dimension
 //! combinations (default 20,000), SKETCH_BENCH_DAYS (default 28).
-//! Run: `cargo bench --bench sketch` (release build).
+//! Run: `cargo bench --bench sketch` (release build); under `cargo test` (no `--bench`
+//! argument) it returns at once. The population is `bench/activity.rs`.
+
+#[path = "activity.rs"]
+mod activity;
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use chrono::{Days, NaiveDate};
+use activity::{env, Population, CHANNEL, OS};
 use slipstream::sketch::{
     count, group_by, key::prefix, plan, plan_at, union_with, Level, MemorySource, Query, Scope,
     Sketch, SketchBuffer, SketchConfig, SketchKey, SketchSource,
 };
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-const OS: [&str; 5] = ["Windows", "Darwin", "Linux", "Android", "iOS"];
-const CHANNEL: [&str; 4] = ["release", "beta", "nightly", "esr"];
-
-/// Combination `code` of 5 × 4 × 50 × 25 = 25,000 possible ones.
-fn dims_of(code: u64) -> [String; 4] {
-    [
-        OS[(code % 5) as usize].to_string(),
-        CHANNEL[(code / 5 % 4) as usize].to_string(),
-        format!("C{:02}", code / 20 % 50),
-        format!("{}", 100 + code / 1000 % 25),
-    ]
-}
 
 struct Timing(Vec<Duration>);
 
@@ -64,32 +40,18 @@ impl Timing {
 }
 
 fn main() {
-    let per_day = env("SKETCH_BENCH_CLIENTS", 1_000_000);
-    let combos = env("SKETCH_BENCH_COMBOS", 20_000).min(25_000);
-    let days = env("SKETCH_BENCH_DAYS", 28);
-    let pool = per_day * 2;
-    let cfg = SketchConfig::default();
-    let start = NaiveDate::from_ymd_opt(2026, 10, 1).unwrap();
-    let date = |d: u64| start + Days::new(d);
-    println!("scale: {per_day} active clients a day (pool {pool}), {combos} combinations, {days} days, p = {}", cfg.precision.get());
-
-    // Zipf(1) popularity over the combinations, each mapped to a distinct
-    // point of the 25,000-combination space.
-    let mut cdf = Vec::with_capacity(combos as usize);
-    let mut acc = 0.0;
-    for k in 0..combos {
-        acc += 1.0 / (k + 1) as f64;
-        cdf.push(acc);
+    if !std::env::args().any(|a| a == "--bench") {
+        return; // `cargo test` runs bench targets too: nothing heavy there.
     }
-    let total = acc;
-    let code_of = |k: u64| (k * 7919 + 13) % 25_000;
-    let combo_dims: Vec<[String; 4]> = (0..combos).map(|k| dims_of(code_of(k))).collect();
-    let combo_of = |c: u64| {
-        let u = (mix(c ^ 0xc0ffee) >> 11) as f64 / (1u64 << 53) as f64 * total;
-        cdf.partition_point(|&x| x < u).min(combos as usize - 1)
-    };
-    let client_combo: Vec<u32> = (0..pool).map(|c| combo_of(c) as u32).collect();
-    let active = |c: u64, d: u64| mix(c ^ (d << 40) ^ 0x5eed) & 1 == 0;
+    let pop = Population::new(
+        env("SKETCH_BENCH_CLIENTS", 1_000_000),
+        env("SKETCH_BENCH_COMBOS", 20_000),
+        env("SKETCH_BENCH_DAYS", 28),
+    );
+    let (per_day, pool, combos, days) = (pop.per_day, pop.pool, pop.combos, pop.days);
+    let cfg = SketchConfig::default();
+    let date = |d: u64| pop.date(d);
+    println!("scale: {per_day} active clients a day (pool {pool}), {combos} combinations, {days} days, p = {}", cfg.precision.get());
 
     // Build: every event through the write buffer, one flush per day.
     let mut store = MemorySource::default();
@@ -97,42 +59,21 @@ fn main() {
     let (mut events, mut record_time, mut flush_time) = (0u64, Duration::ZERO, Duration::ZERO);
     let mut seen = vec![false; pool as usize];
     let mut exact_dau = Vec::new();
-    let mut id = String::new();
     let build = Instant::now();
     for d in 0..days {
         let dt = date(d);
         let t = Instant::now();
         let mut dau = 0u64;
-        for c in 0..pool {
-            if !active(c, d) {
-                continue;
+        pop.for_each_event(d, |c, id, pairs, first| {
+            if first {
+                dau += 1;
+                if d + 28 >= days {
+                    seen[c as usize] = true;
+                }
             }
-            dau += 1;
-            if d + 28 >= days {
-                seen[c as usize] = true;
-            }
-            id.clear();
-            write!(id, "client-{c:08}").unwrap();
-            let dims = &combo_dims[client_combo[c as usize] as usize];
-            let pairs = [
-                ("os", dims[0].as_str()),
-                ("channel", dims[1].as_str()),
-                ("country", dims[2].as_str()),
-                ("app_version", dims[3].as_str()),
-            ];
-            buf.record_activity(dt, &id, &pairs);
+            buf.record_activity(dt, id, pairs);
             events += 1;
-            if mix(c ^ (d << 40) ^ 0xface).is_multiple_of(50) {
-                // Upgrade: a second event under the next version.
-                let next = format!("{}", dims[3].parse::<u32>().unwrap() + 1);
-                buf.record_activity(
-                    dt,
-                    &id,
-                    &[pairs[0], pairs[1], pairs[2], ("app_version", &next)],
-                );
-                events += 1;
-            }
-        }
+        });
         record_time += t.elapsed();
         exact_dau.push(dau);
         let t = Instant::now();

@@ -591,6 +591,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     s.dead_letters
                 );
             }
+            if let (Some(first), Some(last)) = (s.first_message, s.last_message) {
+                let secs = (last - first).as_secs_f64();
+                println!(
+                    "rate: {:.2}s from the first to the last message ({:.0} messages/s), then {:.2}s for the final flush and publication",
+                    secs,
+                    s.messages as f64 / secs.max(1e-9),
+                    s.final_flush.as_secs_f64()
+                );
+            }
+            let t = pipeline.times;
+            println!("time: {:.2}s writing state batches, {:.2}s materializing tables ({:.2}s of it measuring late changes), {:.2}s in the sink, the rest reading and folding", t.flush.as_secs_f64(), t.materialize.as_secs_f64(), t.late.as_secs_f64(), t.sink.as_secs_f64());
             print_rejects(&pipeline);
             for f in &s.still_failing {
                 eprintln!("publication failed: {f}");

@@ -310,6 +310,35 @@ impl ConsumerContext for SourceContext {
 /// How often librdkafka reports statistics (and so how fresh [`KafkaSource::high_watermarks`] is).
 const STATISTICS_INTERVAL_MS: &str = "2000";
 
+/// The consumer's librdkafka settings (see the module doc for why each is set), shared with
+/// `bench/kafka_read.rs` so the bare-consumer benchmark reads exactly as the service does.
+pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.brokers)
+        .set("group.id", &settings.group_id)
+        .set(
+            "session.timeout.ms",
+            settings.session_timeout_ms.to_string(),
+        )
+        // librdkafka requires heartbeat < session timeout; a third is Kafka's own ratio.
+        .set(
+            "heartbeat.interval.ms",
+            (settings.session_timeout_ms / 3).max(100).to_string(),
+        )
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        // Statistics carry the high watermarks of fetch responses, our lag source.
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+    for (key, value) in &settings.extra {
+        config.set(key, value);
+    }
+    config
+}
+
 /// A consumer-group member reading the configured topics from the positions in our store.
 pub struct KafkaSource {
     /// librdkafka consumer; its context carries the offset store and the fatal-error slot.
@@ -323,29 +352,7 @@ impl KafkaSource {
         settings: &KafkaSettings,
         offsets: Arc<dyn OffsetStore>,
     ) -> Result<Self, KafkaError> {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &settings.brokers)
-            .set("group.id", &settings.group_id)
-            .set(
-                "session.timeout.ms",
-                settings.session_timeout_ms.to_string(),
-            )
-            // librdkafka requires heartbeat < session timeout; a third is Kafka's own ratio.
-            .set(
-                "heartbeat.interval.ms",
-                (settings.session_timeout_ms / 3).max(100).to_string(),
-            )
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            // Statistics carry the high watermarks of fetch responses, our lag source.
-            .set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
-        for (key, value) in &settings.extra {
-            config.set(key, value);
-        }
+        let config = consumer_config(settings);
         let context = SourceContext {
             offsets,
             fatal_seen: AtomicBool::new(false),

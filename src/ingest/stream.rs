@@ -110,6 +110,12 @@ pub struct RunSummary {
     /// exit status reports (a failure that a later attempt repaired does not count).
     pub still_failing: Vec<String>,
     pub published: PublishReport,
+    /// When the first and the last message were handed to the fold: the consume rate is
+    /// measured between them, without the group join before or the idle wait after.
+    pub first_message: Option<Instant>,
+    pub last_message: Option<Instant>,
+    /// The flush and publication after the loop ended (the last batch's durability).
+    pub final_flush: Duration,
 }
 
 /// Consumes until `shutdown` resolves (or the idle limit), then flushes and publishes.
@@ -222,6 +228,9 @@ pub async fn run(
                 pipeline.fold.record_offset(rec.topic, rec.partition, rec.offset + 1);
                 positions.set(rec.topic, rec.partition, rec.offset + 1);
                 consumed += 1;
+                let now = Instant::now();
+                summary.first_message.get_or_insert(now);
+                summary.last_message = Some(now);
             }) => Some(n?),
         };
         opts.finalize = finalize_requests;
@@ -355,6 +364,7 @@ pub async fn run(
             Some(idle_after)
         })
         .filter(|_| owns_all);
+    let started = Instant::now();
     let delivered = deliver_dead_letters(
         &mut dead_letters,
         &metrics,
@@ -382,6 +392,7 @@ pub async fn run(
     let r = tokio::task::block_in_place(|| pipeline.flush_and_publish(wm, false))?;
     summary.absorb(r);
     pipeline.fold.store().flush()?;
+    summary.final_flush = started.elapsed();
     summary.still_failing = still_failing(pipeline);
     tracing::info!(
         messages = summary.messages,
