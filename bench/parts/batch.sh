@@ -11,7 +11,7 @@
 #   SCALE=quick bench/parts/batch.sh   # 3,000 clients, 2 and 4 weeks, one run each
 #   SCALE=full  bench/parts/batch.sh   # 100,000 clients x 3 runs each; LARGE_CLIENTS x 1 (4 weeks)
 #
-# LARGE_CLIENTS (default 300000; 0 skips it): see bench/parts/fold.sh for why not 1,000,000
+# LARGE_CLIENTS (default 250000; 0 skips it): see bench/parts/fold.sh for why not 1,000,000
 # by default. BATCH_RUNS overrides the number of runs at 100,000 clients.
 PART=batch
 source "$(dirname "$0")/../lib/common.sh"
@@ -21,8 +21,8 @@ if [ "$SCALE" = quick ]; then
 else
     r=${BATCH_RUNS:-3}
     PLAN=("100000 2 $r" "100000 4 $r")
-    if [ "${LARGE_CLIENTS:-300000}" != 0 ]; then
-        PLAN+=("${LARGE_CLIENTS:-300000} 4 1")
+    if [ "${LARGE_CLIENTS:-250000}" != 0 ]; then
+        PLAN+=("${LARGE_CLIENTS:-250000} 4 1")
     fi
 fi
 
