@@ -1,10 +1,17 @@
 //! Folding decoded events into state.
 //!
 //! Events are folded into an in-memory [`Pending`] batch (no disk write per event); a
-//! flush merges it into sled in one atomic batch *together with the source offsets* that
+//! flush writes it to sled in one atomic batch *together with the source offsets* that
 //! produced it, the newest event time per partition, the reject counters and the
 //! late-data marks. A crash before the batch lands loses the batch and its offsets
 //! alike, so the events are read again: nothing is lost and nothing counts twice.
+//!
+//! The per-client part of a batch (enrollment and daily deltas) goes into that batch as
+//! one delta-log segment, a single sled value, instead of a read and a write per client
+//! and day: the fold never waits for sled's per-key work. A background thread (the
+//! compactor) merges segments into the per-client records, each merge an atomic batch
+//! that also removes the segments it merged; whoever reads per-client state
+//! (materializing windows, `finalize`, retention) merges what is left first.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -20,23 +27,17 @@ use crate::window::{self, Window};
 /// A partition of a source: a Kafka topic partition, or partition 0 of an event file.
 pub type SourcePartition = (String, i32);
 
-/// Daily records kept in memory at most (beyond that, clean ones are dropped at a flush).
-const CACHED_DAYS_LIMIT: usize = 1_000_000;
+/// Delta-log segments allowed to wait for the background compactor; past it, a flush
+/// merges the oldest itself (backpressure, bounding the log on disk).
+const MAX_PENDING_SEGMENTS: u64 = 64;
 
-/// A daily record held in memory: the write-back cache of recent days.
-struct CachedDay {
-    day: Day,
-    record: DailyRecord,
-    /// The record includes what sled holds (so a flush writes it without reading).
-    complete: bool,
-    /// Changed since the last flush.
-    dirty: bool,
-}
+/// On a quiet stream, the longest a segment waits for the background compactor.
+const COMPACT_AFTER: Duration = Duration::from_secs(5);
 
-/// A client's cached days.
+/// A client's telemetry deltas of the pending batch, one per day.
 struct ClientDays {
     partition: u32,
-    days: Vec<CachedDay>,
+    days: Vec<(Day, DailyRecord)>,
 }
 
 /// Everything folded since the last flush, besides daily records (see [`Fold::daily`]).
@@ -83,8 +84,7 @@ pub struct Fold {
     store: Store,
     exps: Vec<ExperimentInfo>,
     pending: Pending,
-    /// Recent daily records by client: dirty ones are part of the pending batch; clean
-    /// ones spare the flush a read, since a stream mostly touches the current day again.
+    /// Telemetry deltas of the pending batch by client.
     daily: HashMap<String, ClientDays>,
     /// Newest event time per source partition, persisted and pending merged.
     event_times: BTreeMap<SourcePartition, i64>,
@@ -96,8 +96,6 @@ pub struct Fold {
     published: Vec<BTreeMap<String, PublishedRecord>>,
     /// Publication records of the activity-sketch tables.
     published_global: BTreeMap<String, PublishedRecord>,
-    /// Watermark day after the last flush: the cache keeps days from the day before it.
-    watermark_day: Option<Day>,
     /// Per experiment, the last absolute day any published window covers: telemetry on
     /// or before it may change a published table (derived from the publication records,
     /// so it holds across restarts).
@@ -113,6 +111,83 @@ pub struct Fold {
     /// retention); its events are skipped and its tables never published again.
     retired: Vec<bool>,
     logged_rejects: [bool; RejectReason::ALL.len()],
+    /// The background thread merging delta-log segments (see [`Fold::start_compactor`]).
+    compactor: Option<Compactor>,
+}
+
+/// The background compactor: merges delta-log segments as flushes write them.
+struct Compactor {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    wake: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Compactor {
+    fn start(store: Store) -> Compactor {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let wake = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let (stop2, wake2) = (stop.clone(), wake.clone());
+        let thread = std::thread::Builder::new()
+            .name("compactor".into())
+            .spawn(move || {
+                // Segments are merged a full group at a time (each merge rewrites every
+                // client it touches, so merging each segment alone would multiply that
+                // work), or once the oldest waited [`COMPACT_AFTER`] on a quiet stream.
+                let mut waiting_since: Option<Instant> = None;
+                while !stop2.load(Ordering::Relaxed) {
+                    let pending = store.pending_segments();
+                    let since = *waiting_since.get_or_insert_with(Instant::now);
+                    let due = pending >= state::SEGMENTS_PER_COMPACTION as u64
+                        || (pending > 0 && since.elapsed() >= COMPACT_AFTER);
+                    if pending == 0 {
+                        waiting_since = None;
+                    }
+                    match if due { store.compact() } else { Ok(0) } {
+                        Ok(n) if n > 0 => waiting_since = None,
+                        Ok(_) => {
+                            let (flag, cv) = &*wake2;
+                            let mut woken = flag.lock().unwrap_or_else(|e| e.into_inner());
+                            if !*woken {
+                                woken = cv
+                                    .wait_timeout(woken, Duration::from_secs(1))
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .0;
+                            }
+                            *woken = false;
+                        }
+                        Err(e) => {
+                            // The fold's own flushes and reads meet the same error and
+                            // report it; here only wait and try again.
+                            tracing::warn!(error = %e, "compacting the delta log failed; retrying in 1 s");
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    }
+                }
+            })
+            .expect("cannot start the compactor thread");
+        Compactor {
+            stop,
+            wake,
+            thread: Some(thread),
+        }
+    }
+
+    fn notify(&self) {
+        let (flag, cv) = &*self.wake;
+        *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_one();
+    }
+}
+
+impl Drop for Compactor {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.notify();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Fold {
@@ -181,7 +256,6 @@ impl Fold {
             last_seen,
             reject_totals,
             published,
-            watermark_day: None,
             published_until: Vec::new(),
             fields: Vec::new(),
             tags: Vec::new(),
@@ -190,8 +264,8 @@ impl Fold {
             day_filter: None,
             retired,
             logged_rejects: [false; RejectReason::ALL.len()],
+            compactor: None,
         };
-        fold.watermark_day = fold.watermark(None).map(|t| t.day());
         fold.published_until = (0..fold.cfg.experiments.len())
             .map(|x| fold.compute_published_until(x))
             .collect();
@@ -200,6 +274,19 @@ impl Fold {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Starts merging delta-log segments in a background thread (long-running commands);
+    /// without it they are merged when per-client state is read, or when too many wait.
+    pub fn start_compactor(&mut self) {
+        if self.compactor.is_none() {
+            self.compactor = Some(Compactor::start(self.store.clone()));
+        }
+    }
+
+    /// Merges every flushed delta into the per-client records: call before reading them.
+    pub fn compact_all(&self) -> Result<(), StateError> {
+        self.store.compact_all().map(|_| ())
     }
 
     /// Whether experiment `x`'s per-client state was dropped (see [`Fold::retire`]).
@@ -214,7 +301,6 @@ impl Fold {
     pub fn retire(&mut self, x: usize) -> Result<(u64, u64), StateError> {
         self.flush()?;
         self.retired[x] = true;
-        self.daily.clear(); // cached days may be among those dropped
         let spans: Vec<(Day, Day)> = self
             .exps
             .iter()
@@ -241,7 +327,9 @@ impl Fold {
         match self
             .pending
             .offsets
-            .get_mut(&(source.to_string(), partition))
+            .iter_mut()
+            .find(|((s, p), _)| *p == partition && s == source)
+            .map(|(_, v)| v)
         {
             Some(v) => *v = next,
             None => {
@@ -286,10 +374,29 @@ impl Fold {
             self.stats.skipped += 1;
             return None;
         }
-        let key = (source.to_string(), partition);
-        let t = self.event_times.entry(key.clone()).or_insert(i64::MIN);
-        *t = (*t).max(ts.0);
-        self.last_seen.insert(key, Instant::now());
+        // A few partitions at most: a scan beats allocating a key per event.
+        let now = Instant::now();
+        match self
+            .event_times
+            .iter_mut()
+            .find(|((s, p), _)| *p == partition && s == source)
+        {
+            Some((_, t)) => *t = (*t).max(ts.0),
+            None => {
+                self.event_times
+                    .insert((source.to_string(), partition), ts.0);
+            }
+        }
+        match self
+            .last_seen
+            .iter_mut()
+            .find(|((s, p), _)| *p == partition && s == source)
+        {
+            Some((_, t)) => *t = now,
+            None => {
+                self.last_seen.insert((source.to_string(), partition), now);
+            }
+        }
         let result = match event {
             Event::Enrollment(e) if self.is_retired_slug(&e.experiment) => {
                 self.stats.skipped += 1;
@@ -438,20 +545,14 @@ impl Fold {
                     days: Vec::new(),
                 }),
         };
-        let cached = match entry.days.iter().position(|d| d.day == day) {
-            Some(i) => &mut entry.days[i],
+        let record = match entry.days.iter().position(|d| d.0 == day) {
+            Some(i) => &mut entry.days[i].1,
             None => {
-                entry.days.push(CachedDay {
-                    day,
-                    record: DailyRecord::default(),
-                    complete: false,
-                    dirty: false,
-                });
-                entry.days.last_mut().unwrap()
+                entry.days.push((day, DailyRecord::default()));
+                &mut entry.days.last_mut().unwrap().1
             }
         };
-        cached.dirty = true;
-        cached.record.add_event(&self.tags, source, &self.fields);
+        record.add_event(&self.tags, source, &self.fields);
     }
 
     fn compute_published_until(&self, x: usize) -> Option<Day> {
@@ -517,34 +618,24 @@ impl Fold {
     pub fn flush(&mut self) -> Result<(), StateError> {
         let started = Instant::now();
         let p = std::mem::take(&mut self.pending);
+        let daily = std::mem::take(&mut self.daily);
         let mut batch = sled::Batch::default();
-        let mut cached = 0;
-        for (client, cd) in self.daily.iter_mut() {
-            cached += cd.days.len();
-            for d in cd.days.iter_mut().filter(|d| d.dirty) {
-                let key = keys::daily(cd.partition, client, d.day);
-                if !d.complete {
-                    if let Some(mut old) = self.store.get::<DailyRecord>(&key)? {
-                        old.merge(&d.record);
-                        d.record = old;
-                    }
-                    d.complete = true;
-                }
-                batch.insert(key, state::encode(&d.record));
-                d.dirty = false;
+        let mut segment = state::SegmentOut::default();
+        for (client, cd) in &daily {
+            for (day, record) in &cd.days {
+                segment.daily.push((cd.partition, client, day.0, record));
             }
         }
-        for ((x, client), (partition, delta)) in p.enrollments {
-            let key = keys::enrollment(&self.cfg.experiments[x].slug, partition, &client);
-            let rec = match self.store.get::<EnrollmentRecord>(&key)? {
-                Some(mut old) => {
-                    old.merge(&delta);
-                    old
-                }
-                None => delta,
-            };
-            batch.insert(key, state::encode(&rec));
+        for ((x, client), (partition, delta)) in &p.enrollments {
+            let slug = self.cfg.experiments[*x].slug.as_str();
+            segment.enrollments.push((slug, *partition, client, delta));
         }
+        let wrote_segment = !segment.daily.is_empty() || !segment.enrollments.is_empty();
+        if wrote_segment {
+            let (key, value) = self.store.write_segment(&state::encode(&segment))?;
+            batch.insert(key, value);
+        }
+        drop(segment);
         for ((source, partition), next) in &p.offsets {
             batch.insert(keys::offset(source, *partition), &state::i64_value(*next));
             if let Some(t) = self.event_times.get(&(source.clone(), *partition)) {
@@ -591,15 +682,15 @@ impl Fold {
         self.store.apply(batch)?;
         self.sketches.clear();
         tracing::debug!(offsets = ?p.offsets, "flushed batch");
-        self.watermark_day = self.watermark(None).map(|t| t.day());
-        // Keep the days a stream still touches; drop the rest (all are clean now).
-        if cached > CACHED_DAYS_LIMIT {
-            self.daily.clear();
-        } else if let Some(keep_from) = self.watermark_day.map(|w| w.plus(-1)) {
-            self.daily.retain(|_, cd| {
-                cd.days.retain(|d| d.day >= keep_from);
-                !cd.days.is_empty()
-            });
+        if wrote_segment {
+            self.store.segment_written();
+            if let Some(c) = &self.compactor {
+                c.notify();
+            }
+            // Backpressure: the compactor fell far behind (or there is none).
+            while self.store.pending_segments() > MAX_PENDING_SEGMENTS {
+                self.store.compact()?;
+            }
         }
         self.stats.flushes += 1;
         self.stats.last_flush = started.elapsed();

@@ -86,6 +86,7 @@ pub fn finalize(
                 }
                 Some(_) => None,
             });
+        pipeline.fold.compact_all()?;
         let enrolled = pipeline
             .fold
             .store()

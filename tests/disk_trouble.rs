@@ -274,32 +274,32 @@ fn a_newer_format_version_is_refused_without_writes() {
     slipstream(&refs(&replay(&cfg, &events, &state, &out)));
     assert_eq!(
         std::fs::read_to_string(state.join("FORMAT")).unwrap(),
-        "1\n"
+        "2\n"
     );
 
-    // The version file says 2: refused before sled opens anything, not a byte changed.
-    std::fs::write(state.join("FORMAT"), "2\n").unwrap();
+    // The version file says 3: refused before sled opens anything, not a byte changed.
+    std::fs::write(state.join("FORMAT"), "3\n").unwrap();
     let before = snapshot(&state);
     let stderr = fails(&refs(&replay(&cfg, &events, &state, &out)));
     assert!(
-        stderr.contains("has format version 2, but this binary reads version 1"),
+        stderr.contains("has format version 3, but this binary reads version 2"),
         "{stderr}"
     );
     assert!(stderr.contains("nothing was written"), "{stderr}");
     assert!(before == snapshot(&state), "the store's files changed");
 
-    // The store itself (`M\0format`, state/README.md) says 2 and there is no version file,
+    // The store itself (`M\0format`, state/README.md) says 3 and there is no version file,
     // as in a store written before it existed: refused, and no key or file is written.
     std::fs::remove_file(state.join("FORMAT")).unwrap();
     {
         let db = sled::open(state.join("db")).unwrap();
-        db.insert(b"M\0format", &2u32.to_be_bytes()).unwrap();
+        db.insert(b"M\0format", &3u32.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
     let before = sled_contents(&state);
     let stderr = fails(&refs(&replay(&cfg, &events, &state, &out)));
     assert!(
-        stderr.contains("has format version 2, but this binary reads version 1"),
+        stderr.contains("has format version 3, but this binary reads version 2"),
         "{stderr}"
     );
     assert!(!state.join("FORMAT").exists(), "a version file was written");
@@ -307,4 +307,42 @@ fn a_newer_format_version_is_refused_without_writes() {
         before == sled_contents(&state),
         "the store's contents changed"
     );
+}
+
+#[test]
+fn a_version_1_store_is_upgraded_in_place() {
+    // Version 2 only added the delta log: a version 1 store opens, keeps its state and
+    // says 2 afterwards, in both places.
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, events) = setup(dir.path(), "100");
+    let state = dir.path().join("state");
+    let out = dir.path().join("out");
+    slipstream(&refs(&replay(&cfg, &events, &state, &out)));
+    let before = sled_contents(&state)
+        .into_iter()
+        .filter(|(k, _)| k.first() == Some(&b'E'))
+        .count();
+    assert!(before > 0, "no enrollment records to keep");
+    std::fs::write(state.join("FORMAT"), "1\n").unwrap();
+    {
+        let db = sled::open(state.join("db")).unwrap();
+        db.insert(b"M\0format", &1u32.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    slipstream(&refs(&replay(&cfg, &events, &state, &out)));
+    assert_eq!(
+        std::fs::read_to_string(state.join("FORMAT")).unwrap(),
+        "2\n"
+    );
+    let contents = sled_contents(&state);
+    let version = contents
+        .iter()
+        .find(|(k, _)| k.as_slice() == b"M\0format")
+        .map(|(_, v)| v.clone());
+    assert_eq!(version, Some(2u32.to_be_bytes().to_vec()));
+    let after = contents
+        .iter()
+        .filter(|(k, _)| k.first() == Some(&b'E'))
+        .count();
+    assert_eq!(before, after);
 }

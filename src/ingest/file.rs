@@ -72,6 +72,7 @@ fn memchr(b: &[u8]) -> Option<usize> {
 /// complete. At the end everything is flushed and due windows are published.
 pub fn replay(pipeline: &mut Pipeline, input: &Path) -> anyhow::Result<ReplaySummary> {
     let source = source_name(input);
+    pipeline.fold.start_compactor();
     let mut file = File::open(input)
         .map_err(|e| anyhow::anyhow!("cannot open input {}: {e}", input.display()))?;
     let start = pipeline
@@ -132,6 +133,7 @@ pub fn replay(pipeline: &mut Pipeline, input: &Path) -> anyhow::Result<ReplaySum
     pipeline.late_check_interval = std::time::Duration::ZERO;
     let r = pipeline.flush_and_publish(wm, false)?;
     summary.published.absorb(r);
+    pipeline.compact()?; // leave the state at rest merged
     pipeline.fold.store().flush()?;
     summary.folded = pipeline.fold.stats.folded;
     summary.rejected = pipeline.fold.stats.rejected.iter().sum();

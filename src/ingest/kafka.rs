@@ -310,6 +310,9 @@ impl ConsumerContext for SourceContext {
 /// How often librdkafka reports statistics (and so how fresh [`KafkaSource::high_watermarks`] is).
 const STATISTICS_INTERVAL_MS: &str = "2000";
 
+/// See `fetch.queue.backoff.ms` in [`consumer_config`].
+const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+
 /// The consumer's librdkafka settings (see the module doc for why each is set), shared with
 /// `bench/kafka_read.rs` so the bare-consumer benchmark reads exactly as the service does.
 pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
@@ -332,7 +335,12 @@ pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
         // Statistics carry the high watermarks of fetch responses, our lag source.
-        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
+        // Once a partition's prefetch queue passes its threshold, librdkafka postpones the
+        // next fetch by this much (default 1000 ms). A consumer that works on each message
+        // drains the queue long before that and then sits idle: measured on a local
+        // broker, a consumer spending 2 µs a message got 129k messages/s with the default.
+        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
     for (key, value) in &settings.extra {
         config.set(key, value);
     }

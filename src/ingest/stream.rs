@@ -47,7 +47,11 @@ impl Positions {
     }
     fn set(&self, topic: &str, partition: i32, next: i64) {
         let mut m = self.consumed.lock().unwrap_or_else(|e| e.into_inner());
-        match m.get_mut(&(topic.to_string(), partition)) {
+        match m
+            .iter_mut()
+            .find(|((t, p), _)| *p == partition && t == topic)
+            .map(|(_, v)| v)
+        {
             Some(v) => *v = next,
             None => {
                 m.insert((topic.to_string(), partition), next);
@@ -127,6 +131,7 @@ pub async fn run(
 ) -> anyhow::Result<RunSummary> {
     let cfg = pipeline.fold.config().clone();
     let k = &cfg.pipeline.kafka;
+    pipeline.fold.start_compactor();
     let mut settings = KafkaSettings::new(
         brokers,
         k.group_id.clone(),
@@ -389,7 +394,11 @@ pub async fn run(
         abandon_publication_after(SHUTDOWN_PUBLISH_LIMIT);
     }
     pipeline.late_check_interval = Duration::ZERO; // the last pass measures all late changes
-    let r = tokio::task::block_in_place(|| pipeline.flush_and_publish(wm, false))?;
+    let r = tokio::task::block_in_place(|| {
+        let r = pipeline.flush_and_publish(wm, false)?;
+        pipeline.compact()?; // leave the state at rest merged
+        Ok::<_, crate::state::StateError>(r)
+    })?;
     summary.absorb(r);
     pipeline.fold.store().flush()?;
     summary.final_flush = started.elapsed();
