@@ -34,6 +34,9 @@ const MAX_PENDING_SEGMENTS: u64 = 64;
 /// On a quiet stream, the longest a segment waits for the background compactor.
 const COMPACT_AFTER: Duration = Duration::from_secs(5);
 
+/// Segments that make the background compactor start a merge.
+const COMPACT_GROUP: u64 = 8;
+
 /// A client's telemetry deltas of the pending batch, one per day.
 struct ClientDays {
     partition: u32,
@@ -113,6 +116,97 @@ pub struct Fold {
     logged_rejects: [bool; RejectReason::ALL.len()],
     /// The background thread merging delta-log segments (see [`Fold::start_compactor`]).
     compactor: Option<Compactor>,
+    /// The batch being written, if any (see [`Fold::flush_async`]).
+    writing: Option<std::thread::JoinHandle<Result<WriteDone, StateError>>>,
+    /// Emptied buffers of the last written batch, reused by the next.
+    spare: Option<(HashMap<String, ClientDays>, crate::sketch::SketchBuffer)>,
+}
+
+impl Drop for Fold {
+    fn drop(&mut self) {
+        // A batch still being written lands (or fails) before the store closes.
+        let _ = self.sync();
+    }
+}
+
+/// One batch on its way to sled (see [`Fold::flush_async`]).
+struct WriteJob {
+    store: Store,
+    /// Offsets, event times, counters and late marks, ready.
+    batch: sled::Batch,
+    daily: HashMap<String, ClientDays>,
+    enrollments: HashMap<(usize, String), (u32, EnrollmentRecord)>,
+    slugs: Vec<String>,
+    sketches: crate::sketch::SketchBuffer,
+    compactor: Option<std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>>,
+}
+
+/// What a finished write hands back: the emptied buffers, for the next batch.
+struct WriteDone {
+    daily: HashMap<String, ClientDays>,
+    sketches: crate::sketch::SketchBuffer,
+    took: Duration,
+}
+
+impl WriteJob {
+    fn run(self) -> Result<WriteDone, StateError> {
+        let started = Instant::now();
+        let WriteJob {
+            store,
+            mut batch,
+            mut daily,
+            enrollments,
+            slugs,
+            mut sketches,
+            compactor,
+        } = self;
+        let mut segment = state::SegmentOut::default();
+        for (client, cd) in &daily {
+            for (day, record) in &cd.days {
+                segment.daily.push((cd.partition, client, day.0, record));
+            }
+        }
+        for ((x, client), (partition, delta)) in &enrollments {
+            segment
+                .enrollments
+                .push((slugs[*x].as_str(), *partition, client, delta));
+        }
+        let wrote_segment = !segment.daily.is_empty() || !segment.enrollments.is_empty();
+        if wrote_segment {
+            let (key, value) = store.write_segment(&state::encode(&segment))?;
+            batch.insert(key, value);
+        }
+        drop(segment);
+        let sketch_writes = sketches
+            .prepare_flush(&store)
+            .map_err(|e| StateError::Corrupt {
+                key: "activity sketch".into(),
+                detail: e.to_string(),
+            })?;
+        for (key, bytes) in sketch_writes {
+            batch.insert([&[state::SKETCH_PREFIX][..], &key].concat(), bytes);
+        }
+        store.apply(batch)?;
+        sketches.clear();
+        daily.clear();
+        if wrote_segment {
+            store.segment_written();
+            if let Some(wake) = compactor {
+                let (flag, cv) = &*wake;
+                *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                cv.notify_one();
+            }
+            // Backpressure: the compactor fell far behind (or there is none).
+            while store.pending_segments() > MAX_PENDING_SEGMENTS {
+                store.compact()?;
+            }
+        }
+        Ok(WriteDone {
+            daily,
+            sketches,
+            took: started.elapsed(),
+        })
+    }
 }
 
 /// The background compactor: merges delta-log segments as flushes write them.
@@ -138,7 +232,7 @@ impl Compactor {
                 while !stop2.load(Ordering::Relaxed) {
                     let pending = store.pending_segments();
                     let since = *waiting_since.get_or_insert_with(Instant::now);
-                    let due = pending >= state::SEGMENTS_PER_COMPACTION as u64
+                    let due = pending >= COMPACT_GROUP
                         || (pending > 0 && since.elapsed() >= COMPACT_AFTER);
                     if pending == 0 {
                         waiting_since = None;
@@ -265,6 +359,8 @@ impl Fold {
             retired,
             logged_rejects: [false; RejectReason::ALL.len()],
             compactor: None,
+            writing: None,
+            spare: None,
         };
         fold.published_until = (0..fold.cfg.experiments.len())
             .map(|x| fold.compute_published_until(x))
@@ -285,7 +381,8 @@ impl Fold {
     }
 
     /// Merges every flushed delta into the per-client records: call before reading them.
-    pub fn compact_all(&self) -> Result<(), StateError> {
+    pub fn compact_all(&mut self) -> Result<(), StateError> {
+        self.sync()?;
         self.store.compact_all().map(|_| ())
     }
 
@@ -614,28 +711,45 @@ impl Fold {
         }
     }
 
-    /// Writes the pending batch, its offsets and counters in one atomic sled batch.
+    /// Writes the pending batch, its offsets and counters in one atomic sled batch, and
+    /// waits until it is applied.
     pub fn flush(&mut self) -> Result<(), StateError> {
-        let started = Instant::now();
+        self.flush_async()?;
+        self.sync()
+    }
+
+    /// Waits until the batch being written (see [`Fold::flush_async`]) is applied, and
+    /// returns its error if it failed. Call it before reading state the fold writes.
+    pub fn sync(&mut self) -> Result<(), StateError> {
+        let Some(writing) = self.writing.take() else {
+            return Ok(());
+        };
+        let done = writing.join().map_err(|_| StateError::Corrupt {
+            key: "(state writer)".into(),
+            detail: "the thread writing a batch panicked; the batch was not stored".into(),
+        })??;
+        self.stats.last_flush = done.took;
+        self.spare = Some((done.daily, done.sketches));
+        Ok(())
+    }
+
+    /// Hands the pending batch to a writer thread, which encodes its delta-log segment,
+    /// merges its activity sketches and applies it, with its offsets and counters, in one
+    /// atomic sled batch; meanwhile the fold goes on with the next batch. The batch before
+    /// is waited for first, so batches land in order, one at a time.
+    pub fn flush_async(&mut self) -> Result<(), StateError> {
+        self.sync()?;
         let p = std::mem::take(&mut self.pending);
-        let daily = std::mem::take(&mut self.daily);
+        let (spare_daily, spare_sketches) = match self.spare.take() {
+            Some(spare) => spare,
+            None => (
+                HashMap::new(),
+                crate::sketch::SketchBuffer::new(&self.cfg.pipeline.sketch_config()),
+            ),
+        };
+        let daily = std::mem::replace(&mut self.daily, spare_daily);
+        let sketches = std::mem::replace(&mut self.sketches, spare_sketches);
         let mut batch = sled::Batch::default();
-        let mut segment = state::SegmentOut::default();
-        for (client, cd) in &daily {
-            for (day, record) in &cd.days {
-                segment.daily.push((cd.partition, client, day.0, record));
-            }
-        }
-        for ((x, client), (partition, delta)) in &p.enrollments {
-            let slug = self.cfg.experiments[*x].slug.as_str();
-            segment.enrollments.push((slug, *partition, client, delta));
-        }
-        let wrote_segment = !segment.daily.is_empty() || !segment.enrollments.is_empty();
-        if wrote_segment {
-            let (key, value) = self.store.write_segment(&state::encode(&segment))?;
-            batch.insert(key, value);
-        }
-        drop(segment);
         for ((source, partition), next) in &p.offsets {
             batch.insert(keys::offset(source, *partition), &state::i64_value(*next));
             if let Some(t) = self.event_times.get(&(source.clone(), *partition)) {
@@ -669,31 +783,27 @@ impl Fold {
                 );
             }
         }
-        let sketch_writes =
-            self.sketches
-                .prepare_flush(&self.store)
-                .map_err(|e| StateError::Corrupt {
-                    key: "activity sketch".into(),
-                    detail: e.to_string(),
-                })?;
-        for (key, bytes) in sketch_writes {
-            batch.insert([&[state::SKETCH_PREFIX][..], &key].concat(), bytes);
-        }
-        self.store.apply(batch)?;
-        self.sketches.clear();
-        tracing::debug!(offsets = ?p.offsets, "flushed batch");
-        if wrote_segment {
-            self.store.segment_written();
-            if let Some(c) = &self.compactor {
-                c.notify();
-            }
-            // Backpressure: the compactor fell far behind (or there is none).
-            while self.store.pending_segments() > MAX_PENDING_SEGMENTS {
-                self.store.compact()?;
-            }
-        }
+        tracing::debug!(offsets = ?p.offsets, "flushing batch");
+        let job = WriteJob {
+            store: self.store.clone(),
+            batch,
+            daily,
+            enrollments: p.enrollments,
+            slugs: self
+                .cfg
+                .experiments
+                .iter()
+                .map(|e| e.slug.clone())
+                .collect(),
+            sketches,
+            compactor: self.compactor.as_ref().map(|c| c.wake.clone()),
+        };
+        let writer = std::thread::Builder::new()
+            .name("state-writer".into())
+            .spawn(move || job.run())
+            .map_err(|e| StateError::Io(sled::Error::Io(e)))?;
+        self.writing = Some(writer);
         self.stats.flushes += 1;
-        self.stats.last_flush = started.elapsed();
         Ok(())
     }
 

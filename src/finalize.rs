@@ -47,6 +47,7 @@ pub fn finalize(
     let stream = pipeline.fold.watermark(Some(std::time::Duration::ZERO));
     let watermark = stream.map_or(calendar, |s| s.max(calendar));
     let report = pipeline.flush_and_publish_only(Some(watermark), true, only)?;
+    pipeline.fold.compact_all()?; // enrollments are counted below
     let mut statuses = Vec::new();
     for (x, exp) in pipeline.fold.config().experiments.iter().enumerate() {
         if only.is_some_and(|o| o != x) {
@@ -86,7 +87,6 @@ pub fn finalize(
                 }
                 Some(_) => None,
             });
-        pipeline.fold.compact_all()?;
         let enrolled = pipeline
             .fold
             .store()

@@ -103,6 +103,9 @@ impl Pipeline {
     /// Merges the delta log into per-client records (before materializing from them).
     pub fn compact(&mut self) -> Result<(), StateError> {
         let started = Instant::now();
+        self.fold.sync()?;
+        self.times.flush += started.elapsed();
+        let started = Instant::now();
         self.fold.compact_all()?;
         self.times.compact += started.elapsed();
         Ok(())
@@ -250,7 +253,8 @@ impl Pipeline {
         only: Option<usize>,
     ) -> Result<PublishReport, StateError> {
         let started = Instant::now();
-        self.fold.flush()?;
+        // The batch is written beside the fold; whatever reads state below waits for it.
+        self.fold.flush_async()?;
         let took = started.elapsed();
         self.times.flush += took;
         let stats = &self.fold.stats;
@@ -271,6 +275,7 @@ impl Pipeline {
             if due.windows.is_empty() && !due.enrollments {
                 continue;
             }
+            self.fold.sync()?;
             self.fold.store().flush()?; // durable before anything leaves the process
             let mut chunks: Vec<Due> = due
                 .windows
@@ -375,6 +380,7 @@ impl Pipeline {
             if !self.needs(rec, ready, force) {
                 continue;
             }
+            self.fold.sync()?;
             self.fold.store().flush()?;
             let started = Instant::now();
             let table = materialize::sketch_table(self.fold.store(), day)?;

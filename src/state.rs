@@ -28,6 +28,8 @@ const META_FORMAT: &[u8] = b"M\0format";
 /// refused without a byte written.
 const FORMAT_FILE: &str = "FORMAT";
 const META_LAYOUT: &[u8] = b"M\0layout";
+/// `M\0log-next`: u64 BE, the delta log's sequence numbers continue at or above it.
+const META_LOG_NEXT: &[u8] = b"M\0log-next";
 /// `M\0retired\0<slug>`: per-client state dropped (value 1) or being dropped (0).
 const META_RETIRED: &[u8] = b"M\0retired\0";
 
@@ -559,7 +561,10 @@ impl Store {
         // files without their `L` key are orphans (a crash between writing the file and
         // the batch, or between merging a segment and deleting its file): removed.
         let mut segments = 0u64;
-        let mut next = 0u64;
+        let mut next = match db.get(META_LOG_NEXT)? {
+            Some(v) => be_i64(&v) as u64,
+            None => 0,
+        };
         let mut live = std::collections::BTreeSet::new();
         for kv in db.scan_prefix([LOG_PREFIX]) {
             let (k, _) = kv?;
@@ -769,7 +774,13 @@ impl Store {
         for k in &segments {
             batch.remove(k.clone());
         }
+        // Sequence numbers never go back (a restart continues above it): records say
+        // "merged below N", so a reused number would be taken as merged already.
+        batch.insert(META_LOG_NEXT, &below.to_be_bytes());
         self.db.apply_batch(batch)?;
+        // sled keeps recent writes in memory for up to `flush_every_ms`: the removal must
+        // be on disk before the files go, or a crash would bring back keys without files.
+        self.db.flush()?;
         self.log
             .segments
             .fetch_sub(segments.len() as u64, Ordering::SeqCst);
@@ -1174,6 +1185,70 @@ mod tests {
         assert_eq!(store.compact_all().unwrap(), 2);
         assert_eq!(events_of(&store, "a"), vec![(10, 3)]);
         assert_eq!(events_of(&store, "c"), vec![(3, 1)]);
+    }
+
+    #[test]
+    fn sequence_numbers_continue_after_a_restart_with_an_empty_log() {
+        // Records say "every segment below N is merged": a segment numbered below that
+        // after a restart would be skipped, and its deltas lost.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        write(&store, &[("a", 1, 1)]);
+        write(&store, &[("a", 1, 1)]);
+        store.compact_all().unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        let (k, _, _) = write(&store, &[("a", 1, 5)]);
+        assert_eq!(log_seq(&k), 2);
+        store.compact_all().unwrap();
+        assert_eq!(events_of(&store, "a"), vec![(1, 7)]);
+    }
+
+    #[test]
+    fn a_version_1_store_is_migrated_in_place() {
+        // Version 1: bare enrollment values and one `D` key per client and day.
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), &empty_config()).unwrap());
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            let enrollment = EnrollmentRecord {
+                num_exposure_events: 3,
+                ..Default::default()
+            };
+            db.insert(keys::enrollment("exp", 0, "a"), encode(&enrollment))
+                .unwrap();
+            db.insert(keys::daily(0, "a", Day(5)), encode(&day_with(2)))
+                .unwrap();
+            db.insert(keys::daily(0, "a", Day(-1)), encode(&day_with(1)))
+                .unwrap();
+            db.insert(keys::daily(0, "b", Day(5)), encode(&day_with(4)))
+                .unwrap();
+            db.insert(META_FORMAT, &1u32.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        std::fs::write(dir.path().join(FORMAT_FILE), "1\n").unwrap();
+        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        let e: Vec<_> = store.enrollments("exp").map(|e| e.unwrap()).collect();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].client_id, "a");
+        assert_eq!(e[0].record.num_exposure_events, 3);
+        assert_eq!(events_of(&store, "a"), vec![(-1, 1), (5, 2)]);
+        assert_eq!(events_of(&store, "b"), vec![(5, 4)]);
+        assert_eq!(
+            store.db.get(META_FORMAT).unwrap().unwrap().as_ref(),
+            &FORMAT_VERSION.to_be_bytes()
+        );
+        assert!(store.db.scan_prefix(b"D").next().is_none());
+        drop(store);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(FORMAT_FILE)).unwrap(),
+            "2\n"
+        );
+        // A second open changes nothing.
+        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        assert_eq!(events_of(&store, "a"), vec![(-1, 1), (5, 2)]);
+        let e: Vec<_> = store.enrollments("exp").map(|e| e.unwrap()).collect();
+        assert_eq!(e[0].record.num_exposure_events, 3);
     }
 
     #[test]
