@@ -77,7 +77,10 @@ pub struct FoldStats {
     /// Events outside the backfill range.
     pub skipped: u64,
     pub rejected: [u64; RejectReason::ALL.len()],
+    /// Batches the state writer has applied to sled.
     pub flushes: u64,
+    /// How long the writer took to apply the last of them (encoding its delta-log
+    /// segment, merging its sketches, the atomic sled batch), beside the fold.
     pub last_flush: Duration,
 }
 
@@ -138,7 +141,7 @@ struct WriteJob {
     enrollments: HashMap<(usize, String), (u32, EnrollmentRecord)>,
     slugs: Vec<String>,
     sketches: crate::sketch::SketchBuffer,
-    compactor: Option<std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>>,
+    compactor: Option<Wake>,
 }
 
 /// What a finished write hands back: the emptied buffers, for the next batch.
@@ -192,9 +195,7 @@ impl WriteJob {
         if wrote_segment {
             store.segment_written();
             if let Some(wake) = compactor {
-                let (flag, cv) = &*wake;
-                *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
-                cv.notify_one();
+                wake.notify();
             }
             // Backpressure: the compactor fell far behind (or there is none).
             while store.pending_segments() > MAX_PENDING_SEGMENTS {
@@ -209,10 +210,36 @@ impl WriteJob {
     }
 }
 
+/// A wake-up call for a thread that sleeps until there is work: [`Wake::notify`] is never
+/// lost, even when it comes before the sleeper waits.
+#[derive(Clone, Default)]
+struct Wake(std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+impl Wake {
+    fn notify(&self) {
+        let (flag, cv) = &*self.0;
+        *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_one();
+    }
+
+    /// Sleeps until notified (since the last wait) or for `timeout`.
+    fn wait(&self, timeout: Duration) {
+        let (flag, cv) = &*self.0;
+        let mut woken = flag.lock().unwrap_or_else(|e| e.into_inner());
+        if !*woken {
+            woken = cv
+                .wait_timeout(woken, timeout)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *woken = false;
+    }
+}
+
 /// The background compactor: merges delta-log segments as flushes write them.
 struct Compactor {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    wake: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    wake: Wake,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -220,7 +247,7 @@ impl Compactor {
     fn start(store: Store) -> Compactor {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let wake = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let wake = Wake::default();
         let (stop2, wake2) = (stop.clone(), wake.clone());
         let thread = std::thread::Builder::new()
             .name("compactor".into())
@@ -239,17 +266,7 @@ impl Compactor {
                     }
                     match if due { store.compact() } else { Ok(0) } {
                         Ok(n) if n > 0 => waiting_since = None,
-                        Ok(_) => {
-                            let (flag, cv) = &*wake2;
-                            let mut woken = flag.lock().unwrap_or_else(|e| e.into_inner());
-                            if !*woken {
-                                woken = cv
-                                    .wait_timeout(woken, Duration::from_secs(1))
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .0;
-                            }
-                            *woken = false;
-                        }
+                        Ok(_) => wake2.wait(Duration::from_secs(1)),
                         Err(e) => {
                             // The fold's own flushes and reads meet the same error and
                             // report it; here only wait and try again.
@@ -266,18 +283,12 @@ impl Compactor {
             thread: Some(thread),
         }
     }
-
-    fn notify(&self) {
-        let (flag, cv) = &*self.wake;
-        *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        cv.notify_one();
-    }
 }
 
 impl Drop for Compactor {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.notify();
+        self.wake.notify();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -728,6 +739,7 @@ impl Fold {
             key: "(state writer)".into(),
             detail: "the thread writing a batch panicked; the batch was not stored".into(),
         })??;
+        self.stats.flushes += 1;
         self.stats.last_flush = done.took;
         self.spare = Some((done.daily, done.sketches));
         Ok(())

@@ -70,6 +70,9 @@ pub struct PipelineConfig {
     /// Days after an experiment's results are final (its end date plus the look-back)
     /// before `finalize` drops its per-client state; sketches are kept.
     pub retention_days: u32,
+    /// Memory sled may use to cache state pages (MiB). Materializing a window reads every
+    /// enrolled client's record, through this cache.
+    pub state_cache_mb: u64,
     /// Events folded in memory before one atomic sled batch is written.
     pub batch_events: usize,
     /// Longest time events wait in memory before their batch is written.
@@ -129,6 +132,7 @@ impl Default for PipelineConfig {
             late_lookback_days: 3,
             late_check_secs: 300,
             retention_days: 30,
+            state_cache_mb: 256,
             batch_events: 50_000,
             batch_millis: 1_000,
             replicates: 1_000,
@@ -640,6 +644,13 @@ fn validate_pipeline(file: &Path, p: &PipelineConfig, problems: &mut Vec<ConfigP
                 "{} is out of range; expected a fraction in 0..=1",
                 p.republish_threshold
             ),
+        ));
+    }
+    if !(16..=1 << 20).contains(&p.state_cache_mb) {
+        problems.push(problem(
+            file,
+            "pipeline.state_cache_mb",
+            format!("{}; expected 16 to 1048576 (MiB)", p.state_cache_mb),
         ));
     }
     if p.batch_events == 0 {

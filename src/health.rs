@@ -1038,7 +1038,7 @@ pub struct PipelineMetrics {
     pub events_folded: IntCounter,
     /// Rejected events by reason since the process started.
     pub events_rejected: IntCounterVec,
-    /// Time to write one folded batch (state and offsets) to sled.
+    /// Time the state writer took to apply one folded batch (state and offsets) to sled.
     pub batch_commit_seconds: Histogram,
     /// Sink calls, successful publications and failures by kind (transient, permanent).
     pub publish_attempts: IntCounter,
@@ -1053,7 +1053,16 @@ pub struct PipelineMetrics {
     /// `dropped` (refused for good by the broker).
     pub dead_letters: IntCounterVec,
     /// What `record_flush` saw last, to turn the fold's running totals into increments.
-    seen: std::sync::Mutex<(u64, [u64; RejectReason::ALL.len()])>,
+    seen: std::sync::Mutex<Seen>,
+}
+
+/// The fold's running totals as [`PipelineMetrics::record_flush`] last saw them.
+#[derive(Default)]
+struct Seen {
+    folded: u64,
+    rejected: [u64; RejectReason::ALL.len()],
+    /// Batches applied by the state writer.
+    flushes: u64,
 }
 
 impl Default for PipelineMetrics {
@@ -1190,25 +1199,30 @@ impl PipelineMetrics {
         }
     }
 
-    /// Records a flush: the fold's running totals (folded, rejected) and its duration.
-    pub fn record_flush(
-        &self,
-        folded: u64,
-        rejected: &[u64; RejectReason::ALL.len()],
-        took: std::time::Duration,
-    ) {
-        self.batch_commit_seconds.observe(took.as_secs_f64());
+    /// Records a flush from the fold's running totals: events folded and rejected, and the
+    /// write time of a batch the state writer applied since the last call (batches are
+    /// written beside the fold, so the one just handed over is counted next time).
+    pub fn record_flush(&self, stats: &crate::apply::FoldStats) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        self.events_folded.inc_by(folded.saturating_sub(seen.0));
+        if stats.flushes > seen.flushes {
+            self.batch_commit_seconds
+                .observe(stats.last_flush.as_secs_f64());
+        }
+        self.events_folded
+            .inc_by(stats.folded.saturating_sub(seen.folded));
         for (i, r) in RejectReason::ALL.iter().enumerate() {
-            let d = rejected[i].saturating_sub(seen.1[i]);
+            let d = stats.rejected[i].saturating_sub(seen.rejected[i]);
             if d > 0 {
                 self.events_rejected
                     .with_label_values(&[r.as_str()])
                     .inc_by(d);
             }
         }
-        *seen = (folded, *rejected);
+        *seen = Seen {
+            folded: stats.folded,
+            rejected: stats.rejected,
+            flushes: stats.flushes,
+        };
     }
 }
 
@@ -1649,15 +1663,24 @@ mod tests {
     #[test]
     fn pipeline_metrics_turn_running_totals_into_increments() {
         let m = PipelineMetrics::new();
-        let mut rejected = [0u64; RejectReason::ALL.len()];
-        rejected[0] = 2;
-        m.record_flush(10, &rejected, std::time::Duration::from_millis(3));
-        rejected[0] = 5;
-        m.record_flush(25, &rejected, std::time::Duration::from_millis(3));
+        let mut stats = crate::apply::FoldStats {
+            folded: 10,
+            ..Default::default()
+        };
+        stats.rejected[0] = 2;
+        m.record_flush(&stats); // the first batch handed over, not written yet
+        assert_eq!(m.batch_commit_seconds.get_sample_count(), 0);
+        stats.folded = 25;
+        stats.rejected[0] = 5;
+        stats.flushes = 1;
+        stats.last_flush = std::time::Duration::from_millis(3);
+        m.record_flush(&stats);
+        m.record_flush(&stats); // no new write: no new sample
         assert_eq!(m.events_folded.get(), 25);
         let r = RejectReason::ALL[0].as_str();
         assert_eq!(m.events_rejected.with_label_values(&[r]).get(), 5);
-        assert_eq!(m.batch_commit_seconds.get_sample_count(), 2);
+        assert_eq!(m.batch_commit_seconds.get_sample_count(), 1);
+        assert!((m.batch_commit_seconds.get_sample_sum() - 0.003).abs() < 1e-9);
     }
 
     #[test]

@@ -257,9 +257,7 @@ impl Pipeline {
         self.fold.flush_async()?;
         let took = started.elapsed();
         self.times.flush += took;
-        let stats = &self.fold.stats;
-        self.metrics
-            .record_flush(stats.folded, &stats.rejected, took);
+        self.metrics.record_flush(&self.fold.stats);
         let mut report = PublishReport::default();
         if self.backoff_until.is_some_and(|t| Instant::now() < t) {
             return Ok(report); // the sink is down: keep folding, publish later

@@ -521,7 +521,7 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| open_error(sled::Error::Io(e)))?;
         let db = sled::Config::new()
             .path(dir.join("db"))
-            .cache_capacity(256 << 20)
+            .cache_capacity(cfg.pipeline.state_cache_mb << 20) // validated: 16 MiB..=1 TiB
             .flush_every_ms(Some(500))
             .open()
             .map_err(open_error)?;
