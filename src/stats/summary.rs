@@ -657,21 +657,25 @@ impl BootstrapSummary {
         let n_chunks = plan.replicates.div_ceil(CHUNK);
         let next = AtomicUsize::new(0);
         let done: Mutex<Vec<Option<Chunk>>> = Mutex::new(vec![None; n_chunks]);
-        let work = || loop {
-            let c = next.fetch_add(1, Ordering::Relaxed);
-            if c >= n_chunks {
-                break;
+        let work = || {
+            // One set of accumulators per thread, reused by every cell of every chunk.
+            let mut scratch = Scratch::default();
+            loop {
+                let c = next.fetch_add(1, Ordering::Relaxed);
+                if c >= n_chunks {
+                    break;
+                }
+                let start = c * CHUNK;
+                let chunk = run_chunk(
+                    plan,
+                    &cells,
+                    &prep,
+                    nm,
+                    (start, CHUNK.min(plan.replicates - start)),
+                    &mut scratch,
+                );
+                done.lock().unwrap()[c] = Some(chunk);
             }
-            let start = c * CHUNK;
-            let chunk = run_chunk(
-                plan,
-                &cells,
-                &prep,
-                nm,
-                start,
-                CHUNK.min(plan.replicates - start),
-            );
-            done.lock().unwrap()[c] = Some(chunk);
         };
         std::thread::scope(|sc| {
             for _ in 1..plan.threads.min(n_chunks.max(1)) {
@@ -782,17 +786,37 @@ fn flush_block(blk: &mut [f64], acc: &mut [i64]) {
 pub(crate) static FORCE_BASELINE: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
+/// A kernel thread's accumulators for one cell, kept between cells and chunks: fresh
+/// zeroed buffers each time cost more in page faults than the kernel's own work.
+#[derive(Default)]
+struct Scratch {
+    w: Vec<f64>,
+    blk: Vec<f64>,
+    s64: Vec<i64>,
+    s128: Vec<i128>,
+    wall: Vec<f64>,
+    wnull: Vec<f64>,
+    slotacc: Vec<f64>,
+}
+
+/// `v` as `n` zeros, reusing its allocation.
+fn zeroed<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    v.clear();
+    v.resize(n, T::default());
+    v
+}
+
 fn run_chunk(
     plan: &BootstrapPlan,
     cells: &Cells,
     prep: &Prepared,
     nm: usize,
-    start: usize,
-    len: usize,
+    (start, len): (usize, usize),
+    scratch: &mut Scratch,
 ) -> Chunk {
     #[cfg(test)]
     if FORCE_BASELINE.load(Ordering::Relaxed) {
-        return run_chunk_generic(plan, cells, prep, nm, start, len);
+        return run_chunk_generic(plan, cells, prep, nm, (start, len), scratch);
     }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f")
@@ -801,14 +825,14 @@ fn run_chunk(
         && std::is_x86_feature_detected!("avx512bw")
     {
         // SAFETY: the CPU supports these features, checked just above.
-        return unsafe { run_chunk_avx512(plan, cells, prep, nm, start, len) };
+        return unsafe { run_chunk_avx512(plan, cells, prep, nm, (start, len), scratch) };
     }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { run_chunk_avx2(plan, cells, prep, nm, start, len) };
+        return unsafe { run_chunk_avx2(plan, cells, prep, nm, (start, len), scratch) };
     }
-    run_chunk_generic(plan, cells, prep, nm, start, len)
+    run_chunk_generic(plan, cells, prep, nm, (start, len), scratch)
 }
 
 /// The same kernel compiled for AVX-512 (identical results: no fused operations are used).
@@ -819,10 +843,10 @@ fn run_chunk_avx512(
     cells: &Cells,
     prep: &Prepared,
     nm: usize,
-    start: usize,
-    len: usize,
+    range: (usize, usize),
+    scratch: &mut Scratch,
 ) -> Chunk {
-    run_chunk_generic(plan, cells, prep, nm, start, len)
+    run_chunk_generic(plan, cells, prep, nm, range, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -832,10 +856,10 @@ fn run_chunk_avx2(
     cells: &Cells,
     prep: &Prepared,
     nm: usize,
-    start: usize,
-    len: usize,
+    range: (usize, usize),
+    scratch: &mut Scratch,
 ) -> Chunk {
-    run_chunk_generic(plan, cells, prep, nm, start, len)
+    run_chunk_generic(plan, cells, prep, nm, range, scratch)
 }
 
 /// The kernel: one chunk of replicates over all clients, cell by cell.
@@ -845,8 +869,8 @@ fn run_chunk_generic(
     cells: &Cells,
     prep: &Prepared,
     nm: usize,
-    start: usize,
-    len: usize,
+    (start, len): (usize, usize),
+    scratch: &mut Scratch,
 ) -> Chunk {
     let mut chunk = Chunk {
         start,
@@ -857,7 +881,16 @@ fn run_chunk_generic(
         wx: vec![0; plan.n_wx_rows * len],
     };
     let ns = plan.dist.layout.n_segments();
-    let mut w = vec![0.0f64; len];
+    let Scratch {
+        w,
+        blk,
+        s64,
+        s128,
+        wall,
+        wnull,
+        slotacc,
+    } = scratch;
+    let w = zeroed(w, len);
     for (b, segs, range) in &cells.cells {
         let b = *b;
         // Planned metrics of this branch, with their slot offsets in the cell's slot table.
@@ -875,24 +908,24 @@ fn run_chunk_generic(
             continue;
         }
         let np = planned.len();
-        let mut blk = vec![0.0f64; np * len];
-        let mut s64 = vec![0i64; np * len];
-        let mut s128 = vec![0i128; np * len];
-        let mut wall = vec![0.0f64; len];
-        let mut wnull = vec![0.0f64; np * len];
-        let mut slotacc = vec![0.0f64; nslot_rows * len];
+        let blk = zeroed(blk, np * len);
+        let s64 = zeroed(s64, np * len);
+        let s128 = zeroed(s128, np * len);
+        let wall = zeroed(wall, len);
+        let wnull = zeroed(wnull, np * len);
+        let slotacc = zeroed(slotacc, nslot_rows * len);
         let (mut in_block, mut blocks) = (0, 0);
         for k in range.clone() {
-            fill_generic(prep.keys[k], start as u32, &mut w);
-            add_to(&mut wall, &w);
+            fill_generic(prep.keys[k], start as u32, w);
+            add_to(wall, w);
             for (j, &(m, p, soff)) in planned.iter().enumerate() {
                 let x = prep.xq[k * nm + m];
                 if x.is_nan() {
-                    add_to(&mut wnull[j * len..(j + 1) * len], &w);
+                    add_to(&mut wnull[j * len..(j + 1) * len], w);
                     continue;
                 }
                 if !p.variants.is_empty() {
-                    axpy(&mut blk[j * len..(j + 1) * len], &w, x);
+                    axpy(&mut blk[j * len..(j + 1) * len], w, x);
                     let fixed = plan.cap_mode == CapMode::Fixed;
                     for v in 0..p.variants.len() * fixed as usize {
                         for &s in segs {
@@ -900,8 +933,9 @@ fn run_chunk_generic(
                             if x > c {
                                 let d = x - c;
                                 let row = p.sum_row[s] + v;
-                                for (acc, &wr) in
-                                    chunk.sums[row * len..(row + 1) * len].iter_mut().zip(&w)
+                                for (acc, &wr) in chunk.sums[row * len..(row + 1) * len]
+                                    .iter_mut()
+                                    .zip(w.iter())
                                 {
                                     *acc -= (wr * d) as i64 as i128;
                                 }
@@ -912,13 +946,16 @@ fn run_chunk_generic(
                 let slot = prep.slot[k * nm + m];
                 if p.deciles || (p.slotted && slot >= p.cap_start) {
                     let u = soff + slot as usize;
-                    add_to(&mut slotacc[u * len..(u + 1) * len], &w);
+                    add_to(&mut slotacc[u * len..(u + 1) * len], w);
                 }
                 if slot >= p.cap_start {
                     // Near or above a per-replicate cap: Σ w·x per slot, exactly.
                     for &s in segs {
                         let row = p.wx_row[s] + (slot - p.cap_start) as usize;
-                        for (acc, &wr) in chunk.wx[row * len..(row + 1) * len].iter_mut().zip(&w) {
+                        for (acc, &wr) in chunk.wx[row * len..(row + 1) * len]
+                            .iter_mut()
+                            .zip(w.iter())
+                        {
                             *acc += (wr * x) as i64 as i128;
                         }
                     }
@@ -927,7 +964,7 @@ fn run_chunk_generic(
             in_block += 1;
             if in_block == BLOCK {
                 in_block = 0;
-                flush_block(&mut blk, &mut s64);
+                flush_block(blk, s64);
                 blocks += 1;
                 if blocks == BLOCKS_PER_I64 {
                     blocks = 0;
@@ -938,8 +975,8 @@ fn run_chunk_generic(
                 }
             }
         }
-        flush_block(&mut blk, &mut s64);
-        for (a, b) in s128.iter_mut().zip(&s64) {
+        flush_block(blk, s64);
+        for (a, b) in s128.iter_mut().zip(s64.iter()) {
             *a += *b as i128;
         }
         for (j, &(_, p, soff)) in planned.iter().enumerate() {
