@@ -18,9 +18,9 @@ use crate::event::{Day, RejectReason};
 /// Version of the key layout and value encodings; a store with another version is refused.
 /// Version 2 added the delta log (`L` keys); a version 1 store is a version 2 store without
 /// one, so it is upgraded in place when opened.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Older versions this binary upgrades in place (their keys mean the same).
-const UPGRADABLE_VERSIONS: [u32; 1] = [1];
+const UPGRADABLE_VERSIONS: [u32; 2] = [1, 2];
 
 const META_FORMAT: &[u8] = b"M\0format";
 /// The format version again, as a text file beside `db/`: read before sled opens the store
@@ -232,9 +232,30 @@ pub mod keys {
         let n = key.len();
         Day((u32::from_be_bytes(key[n - 4..].try_into().unwrap()) ^ 0x8000_0000) as i32)
     }
-    /// A client's telemetry, all days in one value (format version 2).
+    /// A client's telemetry, all days in one value (format version 2; split into `W`
+    /// keys on open).
     pub fn client(partition: u32, client: &str) -> Vec<u8> {
         [b"C", &partition.to_be_bytes()[..], client.as_bytes()].concat()
+    }
+    /// Days of a client's telemetry per `W` value: 7-day buckets of absolute days.
+    pub const BUCKET_DAYS: i32 = 7;
+    /// The bucket of a day (days since 1970-01-01).
+    pub fn bucket_of(day: i32) -> i32 {
+        day.div_euclid(BUCKET_DAYS)
+    }
+    /// A client's telemetry of one bucket of days (format version 3).
+    pub fn client_bucket(partition: u32, client: &str, bucket: i32) -> Vec<u8> {
+        client_bucket_bytes(partition, client.as_bytes(), bucket)
+    }
+    pub(super) fn client_bucket_bytes(partition: u32, client: &[u8], bucket: i32) -> Vec<u8> {
+        [
+            b"W",
+            &partition.to_be_bytes()[..],
+            client,
+            b"\0",
+            &day_bytes(Day(bucket))[..],
+        ]
+        .concat()
     }
     /// A client's telemetry of one day (format version 1; migrated to `C` keys on open).
     pub fn daily(partition: u32, client: &str, day: Day) -> Vec<u8> {
@@ -368,9 +389,9 @@ fn migrate_daily_keys(db: &sled::Db) -> Result<(), StateError> {
             n += 1;
         }
         if n == 0 {
-            // Done: the new version and the end of the progress mark, together.
+            // Done: version 2 and the end of the progress mark, together.
             let mut done = sled::Batch::default();
-            done.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes());
+            done.insert(META_FORMAT, &2u32.to_be_bytes());
             done.remove(PROGRESS);
             db.apply_batch(done)?;
             return Ok(());
@@ -385,6 +406,50 @@ fn migrate_daily_keys(db: &sled::Db) -> Result<(), StateError> {
                 None => rec,
             };
             batch.insert(key, encode(&merged));
+        }
+        db.apply_batch(batch)?;
+    }
+}
+
+/// Version 2 to 3: splits each per-client `C` record into per-bucket `W` records (each
+/// with the `C` record's delta-log mark), a chunk of clients per atomic batch that also
+/// removes their `C` keys, so a migration cut short resumes where it stopped.
+fn migrate_client_buckets(db: &sled::Db) -> Result<(), StateError> {
+    const CHUNK: usize = 10_000;
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in db.scan_prefix(b"C").take(CHUNK) {
+            let (k, v) = kv?;
+            let rec: ClientRecord = decode(&k, &v)?;
+            let partition =
+                u32::from_be_bytes(k[1..5].try_into().map_err(|_| StateError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    detail: "a client key without its partition".into(),
+                })?);
+            let mut buckets: BTreeMap<i32, ClientRecord> = BTreeMap::new();
+            for (day, r) in rec.days {
+                buckets
+                    .entry(keys::bucket_of(day))
+                    .or_insert_with(|| ClientRecord {
+                        merged_below: rec.merged_below,
+                        days: Vec::new(),
+                    })
+                    .days
+                    .push((day, r));
+            }
+            for (bucket, r) in buckets {
+                batch.insert(
+                    keys::client_bucket_bytes(partition, &k[5..], bucket),
+                    encode(&r),
+                );
+            }
+            batch.remove(k);
+            n += 1;
+        }
+        if n == 0 {
+            db.insert(META_FORMAT, &3u32.to_be_bytes())?;
+            return Ok(());
         }
         db.apply_batch(batch)?;
     }
@@ -433,7 +498,8 @@ pub struct SegmentOut<'a> {
     pub enrollments: Vec<(&'a str, u32, &'a str, &'a EnrollmentRecord)>,
 }
 
-/// A client's telemetry: its daily records, sorted by day (the value of a `C` key).
+/// A client's telemetry: its daily records, sorted by day (the value of a `W` key: the
+/// days of one bucket; of a `C` key in format version 2: all days).
 #[derive(Serialize, Deserialize, Default, Debug)]
 pub struct ClientRecord {
     /// Every delta-log segment below this sequence number is merged in (see
@@ -530,7 +596,10 @@ impl Store {
             Some(v) => {
                 let found = u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0xff; 4]));
                 if UPGRADABLE_VERSIONS.contains(&found) {
-                    migrate_daily_keys(&db)?;
+                    if found == 1 {
+                        migrate_daily_keys(&db)?; // to version 2
+                    }
+                    migrate_client_buckets(&db)?; // to version 3
                 } else if found != FORMAT_VERSION {
                     return Err(StateError::Version { path, found });
                 }
@@ -705,8 +774,10 @@ impl Store {
     fn compact_locked(&self) -> Result<usize, StateError> {
         // Per key, the deltas of each segment (by sequence number), sorted by key so that
         // the reads and writes below walk sled's tree in order. A client's days go into
-        // one value: one read and one write per client and compaction, not per client
-        // and day (sled's per-key work is what limits the fold).
+        // one value per 7-day bucket: one read and one write per client and compaction
+        // (segments cover about a day), not per client and day (sled's per-key work is
+        // what limits the fold), and not the client's whole history either (that would
+        // make each merge, and each window read, grow with the experiment's length).
         let mut clients: BTreeMap<Vec<u8>, Vec<(u64, ClientRecord)>> = BTreeMap::new();
         let mut enrollments: BTreeMap<Vec<u8>, Vec<(u64, EnrollmentRecord)>> = BTreeMap::new();
         let mut segments = Vec::new();
@@ -720,7 +791,8 @@ impl Store {
             let seq = log_seq(&k);
             let segment = self.read_segment(&k, &v)?;
             for (partition, client, day, delta) in segment.daily {
-                let deltas = clients.entry(keys::client(partition, &client)).or_default();
+                let key = keys::client_bucket(partition, &client, keys::bucket_of(day));
+                let deltas = clients.entry(key).or_default();
                 if deltas.last().is_none_or(|d| d.0 != seq) {
                     deltas.push((seq, ClientRecord::default()));
                 }
@@ -874,14 +946,37 @@ impl Store {
         out: &mut Vec<(Day, DailyRecord)>,
     ) -> Result<(), StateError> {
         out.clear();
-        let key = keys::client(partition, client);
-        if let Some(rec) = self.get::<ClientRecord>(&key)? {
+        if from > to {
+            return Ok(());
+        }
+        let (first, last) = (keys::bucket_of(from.0), keys::bucket_of(to.0));
+        let mut add = |k: &[u8], v: &[u8]| -> Result<(), StateError> {
+            let rec: ClientRecord = decode(k, v)?;
             out.extend(
                 rec.days
                     .into_iter()
                     .filter(|(d, _)| *d >= from.0 && *d <= to.0)
                     .map(|(d, r)| (Day(d), r)),
             );
+            Ok(())
+        };
+        if i64::from(last) - i64::from(first) < 64 {
+            // A window's few buckets: point reads (cheaper in sled than a range scan).
+            for bucket in first..=last {
+                let key = keys::client_bucket(partition, client, bucket);
+                if let Some(v) = self.db.get(&key)? {
+                    add(&key, &v)?;
+                }
+            }
+        } else {
+            let lo = keys::client_bucket(partition, client, first);
+            let hi = keys::client_bucket(partition, client, last);
+            for kv in self.db.range(lo.as_slice()..=hi.as_slice()) {
+                let (k, v) = kv?;
+                if k.len() == lo.len() {
+                    add(&k, &v)?; // not another client whose id extends this one's with a NUL
+                }
+            }
         }
         Ok(())
     }
@@ -991,7 +1086,7 @@ impl Store {
                 n = 0;
             }
         }
-        for kv in self.db.scan_prefix(b"C") {
+        for kv in self.db.scan_prefix(b"W") {
             let (k, v) = kv?;
             let mut rec: ClientRecord = decode(&k, &v)?;
             let before = rec.days.len();
@@ -1239,16 +1334,97 @@ mod tests {
             &FORMAT_VERSION.to_be_bytes()
         );
         assert!(store.db.scan_prefix(b"D").next().is_none());
+        assert!(store.db.scan_prefix(b"C").next().is_none());
         drop(store);
         assert_eq!(
             std::fs::read_to_string(dir.path().join(FORMAT_FILE)).unwrap(),
-            "2\n"
+            "3\n"
         );
         // A second open changes nothing.
         let store = Store::open(dir.path(), &empty_config()).unwrap();
         assert_eq!(events_of(&store, "a"), vec![(-1, 1), (5, 2)]);
         let e: Vec<_> = store.enrollments("exp").map(|e| e.unwrap()).collect();
         assert_eq!(e[0].record.num_exposure_events, 3);
+    }
+
+    #[test]
+    fn a_version_2_store_is_split_into_buckets() {
+        // Version 2: one `C` value per client with all its days and its delta-log mark.
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), &empty_config()).unwrap());
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            let mut rec = ClientRecord {
+                merged_below: 4,
+                days: Vec::new(),
+            };
+            for (day, n) in [(-8, 1), (-1, 2), (0, 3), (6, 4), (7, 5), (20, 6)] {
+                rec.merge_day(day, day_with(n));
+            }
+            db.insert(keys::client(0, "a"), encode(&rec)).unwrap();
+            db.insert(META_FORMAT, &2u32.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        std::fs::write(dir.path().join(FORMAT_FILE), "2\n").unwrap();
+        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        let all = vec![(-8, 1), (-1, 2), (0, 3), (6, 4), (7, 5), (20, 6)];
+        assert_eq!(events_of(&store, "a"), all);
+        assert!(store.db.scan_prefix(b"C").next().is_none());
+        // Buckets -2, -1, 0, 1 and 2, each with the record's mark.
+        let buckets: Vec<(Vec<u8>, ClientRecord)> = store
+            .db
+            .scan_prefix(b"W")
+            .map(|kv| {
+                let (k, v) = kv.unwrap();
+                (k.to_vec(), decode(&k, &v).unwrap())
+            })
+            .collect();
+        assert_eq!(buckets.len(), 5);
+        assert!(buckets.iter().all(|(_, r)| r.merged_below == 4));
+        assert_eq!(buckets[2].0, keys::client_bucket(0, "a", 0));
+        assert_eq!(buckets[2].1.days.len(), 2); // days 0 and 6
+                                                // A second open changes nothing.
+        drop(store);
+        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(FORMAT_FILE)).unwrap(),
+            "3\n"
+        );
+        assert_eq!(events_of(&store, "a"), all);
+    }
+
+    #[test]
+    fn a_range_of_days_reads_only_its_buckets_and_its_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        write(
+            &store,
+            &[("a", -1, 1), ("a", 0, 2), ("a", 13, 3), ("a", 14, 4)],
+        );
+        // A client whose id extends "a" with a NUL sorts among "a"'s buckets ("n" is
+        // 0x6e, inside the bucket bytes of the widest range of days).
+        write(&store, &[("a\0n", 6, 9), ("b", 0, 7)]);
+        store.compact_all().unwrap();
+        let days = |from: i32, to: i32| {
+            let mut out = Vec::new();
+            store
+                .client_days(0, "a", Day(from), Day(to), &mut out)
+                .unwrap();
+            out.iter()
+                .map(|(d, r)| (d.0, r.groups[0].sources[0].events))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(days(0, 0), vec![(0, 2)]);
+        assert_eq!(days(-1, 13), vec![(-1, 1), (0, 2), (13, 3)]);
+        assert_eq!(days(1, 12), vec![]);
+        assert_eq!(days(13, 100), vec![(13, 3), (14, 4)]);
+        assert_eq!(days(5, 4), vec![]);
+        assert_eq!(events_of(&store, "b"), vec![(0, 7)]);
+        assert_eq!(
+            events_of(&store, "a"),
+            vec![(-1, 1), (0, 2), (13, 3), (14, 4)]
+        );
+        assert_eq!(events_of(&store, "a\0n"), vec![(6, 9)]);
     }
 
     #[test]

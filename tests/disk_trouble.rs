@@ -274,32 +274,32 @@ fn a_newer_format_version_is_refused_without_writes() {
     slipstream(&refs(&replay(&cfg, &events, &state, &out)));
     assert_eq!(
         std::fs::read_to_string(state.join("FORMAT")).unwrap(),
-        "2\n"
+        "3\n"
     );
 
-    // The version file says 3: refused before sled opens anything, not a byte changed.
-    std::fs::write(state.join("FORMAT"), "3\n").unwrap();
+    // The version file says 4: refused before sled opens anything, not a byte changed.
+    std::fs::write(state.join("FORMAT"), "4\n").unwrap();
     let before = snapshot(&state);
     let stderr = fails(&refs(&replay(&cfg, &events, &state, &out)));
     assert!(
-        stderr.contains("has format version 3, but this binary reads version 2"),
+        stderr.contains("has format version 4, but this binary reads version 3"),
         "{stderr}"
     );
     assert!(stderr.contains("nothing was written"), "{stderr}");
     assert!(before == snapshot(&state), "the store's files changed");
 
-    // The store itself (`M\0format`, state/README.md) says 3 and there is no version file,
+    // The store itself (`M\0format`, state/README.md) says 4 and there is no version file,
     // as in a store written before it existed: refused, and no key or file is written.
     std::fs::remove_file(state.join("FORMAT")).unwrap();
     {
         let db = sled::open(state.join("db")).unwrap();
-        db.insert(b"M\0format", &3u32.to_be_bytes()).unwrap();
+        db.insert(b"M\0format", &4u32.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
     let before = sled_contents(&state);
     let stderr = fails(&refs(&replay(&cfg, &events, &state, &out)));
     assert!(
-        stderr.contains("has format version 3, but this binary reads version 2"),
+        stderr.contains("has format version 4, but this binary reads version 3"),
         "{stderr}"
     );
     assert!(!state.join("FORMAT").exists(), "a version file was written");
