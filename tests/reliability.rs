@@ -87,19 +87,21 @@ fn sigterm_stops_cleanly_with_offsets_covering_exactly_what_was_folded() {
         .lines()
         .filter(|l| !l.trim().is_empty())
         .count() as u64;
-    let chunks = split(&events, 6);
+    let chunks = split(&events, 12);
     produce(&broker.addr, &cfg, &chunks[0]);
 
     let (state, out) = (dir.path().join("state"), dir.path().join("out"));
     let args = run_args(&cfg, &broker.addr, dir.path(), 4);
     let mut run = Run::start("run", &args);
     run.assert_assigned();
-    // Mid-stream: the rest arrives while it runs, and the signal lands in the middle.
+    // Mid-stream: the rest arrives while it runs (11 chunks 0.5 s apart, so the last
+    // ones come well after the signal however fast the run folds), and the signal lands
+    // in the middle.
     let producer = trickle(
         &broker.addr,
         &cfg,
         chunks[1..].to_vec(),
-        Duration::from_millis(300),
+        Duration::from_millis(500),
     );
     std::thread::sleep(Duration::from_millis(2500));
     let signalled = Instant::now();
