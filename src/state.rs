@@ -17,7 +17,8 @@ use crate::event::{Day, RejectReason};
 
 /// Version of the key layout and value encodings; a store with another version is refused.
 /// Version 2 added the delta log (`L` keys); a version 1 store is a version 2 store without
-/// one, so it is upgraded in place when opened.
+/// one, so it is upgraded in place when opened. Version 3 splits each client's telemetry
+/// into 7-day buckets (`W` keys); version 2 stores are split when opened.
 pub const FORMAT_VERSION: u32 = 3;
 /// Older versions this binary upgrades in place (their keys mean the same).
 const UPGRADABLE_VERSIONS: [u32; 2] = [1, 2];
