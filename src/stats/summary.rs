@@ -811,12 +811,12 @@ fn run_chunk(
     cells: &Cells,
     prep: &Prepared,
     nm: usize,
-    (start, len): (usize, usize),
+    range: (usize, usize),
     scratch: &mut Scratch,
 ) -> Chunk {
     #[cfg(test)]
     if FORCE_BASELINE.load(Ordering::Relaxed) {
-        return run_chunk_generic(plan, cells, prep, nm, (start, len), scratch);
+        return run_chunk_generic(plan, cells, prep, nm, range, scratch);
     }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f")
@@ -825,14 +825,14 @@ fn run_chunk(
         && std::is_x86_feature_detected!("avx512bw")
     {
         // SAFETY: the CPU supports these features, checked just above.
-        return unsafe { run_chunk_avx512(plan, cells, prep, nm, (start, len), scratch) };
+        return unsafe { run_chunk_avx512(plan, cells, prep, nm, range, scratch) };
     }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { run_chunk_avx2(plan, cells, prep, nm, (start, len), scratch) };
+        return unsafe { run_chunk_avx2(plan, cells, prep, nm, range, scratch) };
     }
-    run_chunk_generic(plan, cells, prep, nm, (start, len), scratch)
+    run_chunk_generic(plan, cells, prep, nm, range, scratch)
 }
 
 /// The same kernel compiled for AVX-512 (identical results: no fused operations are used).
