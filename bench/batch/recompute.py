@@ -519,7 +519,7 @@ def window_statistics(cfg, cols, basis, seed, pool):
                             p = reps[a] - reps[r] if cmp == "difference" else reps[a] / reps[r] - 1
                         iv = interval(p, ci)
                         if iv:
-                            v = (float(np.median(p)), *iv)
+                            v = (float(np.mean(p)), *iv)  # Jetstream's `exp`
                     emit(seg, metric, stat, param, an, cmp, rn, ci, v)
 
     for s, sname in enumerate(seg_names):

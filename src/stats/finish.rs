@@ -103,9 +103,11 @@ impl RowMaker<'_> {
                                     Comparison::RelativeUplift => f / rf - 1.0,
                                 })
                                 .collect();
+                            // Point: the mean of the paired replicates, Jetstream's
+                            // `exp` (mozanalysis `summarize_joint_samples`).
                             match interval(&paired, self.ci_width) {
-                                Some((lo, hi, sorted)) => {
-                                    [Some(percentile(&sorted, 0.5)), Some(lo), Some(hi)]
+                                Some((lo, hi, _)) => {
+                                    [Some(replicate_average(&paired)), Some(lo), Some(hi)]
                                 }
                                 None => [None; 3],
                             }

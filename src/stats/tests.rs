@@ -380,7 +380,7 @@ fn capping_at_the_99_5th_percentile() {
         replicates: 500,
         seed: 9,
         threads: 1,
-        ..Default::default()
+        cap_mode: CapMode::Fixed, // the cap of Jetstream's definition, computed once
     };
     let dist = DistributionSummary::from_input(&w.input()).unwrap();
     let plan = BootstrapPlan::new(dist, &opts);
@@ -853,7 +853,7 @@ fn agrees_with_a_straightforward_implementation() {
             replicates: reps,
             seed,
             threads: 2,
-            ..Default::default()
+            cap_mode: CapMode::Fixed, // Jetstream's definition, as written out below
         },
     );
     let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * b.abs().max(1e-9);
@@ -1012,7 +1012,9 @@ fn agrees_with_a_straightforward_implementation() {
             (row.lower.unwrap() - lo).abs() < 1e-6 * scale
                 && (row.upper.unwrap() - hi).abs() < 1e-6 * scale
         );
-        assert!((row.point.unwrap() - ci(&diff, 0.0).0).abs() < 1e-6 * scale);
+        // Point: the mean of the paired replicates (Jetstream's `exp`), not their median.
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        assert!((row.point.unwrap() - mean(&diff)).abs() < 1e-6 * scale);
         let row = find(
             &rows,
             seg,
@@ -1024,6 +1026,7 @@ fn agrees_with_a_straightforward_implementation() {
         );
         let (lo, hi) = ci(&rel, 0.95);
         assert!((row.lower.unwrap() - lo).abs() < 1e-6 && (row.upper.unwrap() - hi).abs() < 1e-6);
+        assert!((row.point.unwrap() - mean(&rel)).abs() < 1e-6);
     }
 }
 
@@ -1389,4 +1392,57 @@ fn vectorized_and_baseline_kernels_give_identical_rows() {
         summary::FORCE_BASELINE.store(false, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(bits(&fast), bits(&baseline));
     }
+}
+
+#[test]
+fn a_narrower_ci_width_narrows_every_interval_and_keeps_the_points() {
+    let wide = rich_window(3000, 21);
+    let mut narrow = wide.clone();
+    for m in &mut narrow.metrics {
+        for s in &mut m.statistics {
+            s.ci_width = 0.8;
+        }
+    }
+    let opts = StatsOptions {
+        replicates: 400,
+        seed: 5,
+        threads: 1,
+        cap_mode: CapMode::default(),
+    };
+    let a = compute(&wide.input(), &opts);
+    let b = compute(&narrow.input(), &opts);
+    assert_eq!(a.len(), b.len());
+    let mut narrowed = 0;
+    for (x, y) in a.iter().zip(&b) {
+        let key = |r: &StatisticRow| {
+            (
+                r.segment.clone(),
+                r.metric.clone(),
+                r.statistic.clone(),
+                r.parameter.map(f64::to_bits),
+                r.branch.clone(),
+                r.comparison,
+                r.comparison_to_branch.clone(),
+            )
+        };
+        assert_eq!(key(x), key(y));
+        if x.metric == "identity" {
+            continue; // clients per branch: not a configured statistic
+        }
+        assert_eq!((x.ci_width, y.ci_width), (0.95, 0.8), "{:?}", key(x));
+        // The same replicates: the same points, and percentiles further in.
+        assert_eq!(x.point.map(f64::to_bits), y.point.map(f64::to_bits));
+        if let (Some(xl), Some(xu), Some(yl), Some(yu)) = (x.lower, x.upper, y.lower, y.upper) {
+            assert!(
+                xl <= yl && yu <= xu,
+                "{:?}: {xl}..{xu} vs {yl}..{yu}",
+                key(x)
+            );
+            if yu - yl < xu - xl {
+                narrowed += 1;
+            }
+        }
+    }
+    // Every non-degenerate bootstrap or Beta interval is strictly narrower.
+    assert!(narrowed > 100, "only {narrowed} intervals narrowed");
 }

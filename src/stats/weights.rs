@@ -133,11 +133,22 @@ mod tests {
             / 10_000.0
             / WEIGHT_SCALE;
         assert!((across - 1.0).abs() < 0.04, "mean {across}");
-        // A fixed value pins the definition down.
-        assert_eq!(
-            weight_units(client_key(1, 2), 3),
-            weight_units(client_key(1, 2), 3)
-        );
+        // Golden values pin the definition down: a change here changes every published
+        // interval, and re-publications would no longer match earlier publications.
+        let golden = [
+            ((1, 2, 3), 1_667_139_887_444_314_012, 28_758.0),
+            ((0, 0, 0), 14_374_147_212_387_527_897, 19_148.0),
+            ((42, 7, 999), 16_336_737_866_460_427_651, 2_177.0),
+            ((7, u64::MAX, 123_456), 4_515_201_275_042_620_865, 131_925.0),
+        ];
+        for ((seed, client, r), key, w) in golden {
+            assert_eq!(client_key(seed, client), key, "key of ({seed}, {client})");
+            assert_eq!(weight_units(key, r), w, "weight of ({seed}, {client}, {r})");
+        }
+        // And from a client id, as materialization hashes it (xxh3 of the id's bytes).
+        let id_hash = xxhash_rust::xxh3::xxh3_64(b"client-0001");
+        assert_eq!(id_hash, 8_590_842_446_834_153_642);
+        assert_eq!(weight_units(client_key(42, id_hash), 0), 32_468.0);
     }
     #[test]
     fn weights_have_exp1_variance_and_no_cross_replicate_correlation() {
