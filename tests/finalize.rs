@@ -111,6 +111,9 @@ fn finalize_publishes_a_quiet_streams_windows_and_reports_statuses() {
     setup.replay();
     // The watermark (11-05 12:00 minus 24 h) completes day windows 1-2 only.
     assert!(out.join("fin_test_enrollments_day_2.ndjson").exists());
+    assert!(!out.join("fin_test_enrollments_day_3.ndjson").exists());
+    assert!(out.join("statistics_fin_test_day_2.ndjson").exists());
+    assert!(!out.join("statistics_fin_test_day_3.ndjson").exists());
     assert!(!out.join("fin_test_enrollments_overall_1.ndjson").exists());
     let stdout = setup.finalize_ok("2026-11-12");
     assert!(

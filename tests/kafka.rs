@@ -154,12 +154,12 @@ fn produce_and_compare(name: &str, format: &str, clients: &str) {
 
 #[test]
 fn json_topics_give_the_same_tables_as_replaying_the_file() {
-    produce_and_compare("json", "json", "2000");
+    produce_and_compare("json", "json", "3000");
 }
 
 #[test]
 fn protobuf_topics_give_the_same_tables_as_replaying_the_file() {
-    produce_and_compare("proto", "protobuf", "800");
+    produce_and_compare("proto", "protobuf", "2000");
 }
 
 #[test]

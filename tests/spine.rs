@@ -320,3 +320,78 @@ fn late_data_republishes_and_a_second_replay_resumes_without_double_counting() {
         before["hand_test_enrollments_day_1.ndjson"]
     );
 }
+
+/// `check-config` prints every problem with file, field and the expected value; `replay`
+/// and `run` refuse the same config before touching state, output or a broker.
+#[test]
+fn a_bad_config_is_reported_in_full_and_never_starts_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        r#"
+[[experiment]]
+slug = "x"
+branches = ["control"]
+reference_branch = "nope"
+enrollment_start = "2026-13-01"
+enrollment_period = 0
+end_date = "2026-12-06"
+segments = [{ name = "w", where = 'os ~ "Windows"' }]
+metrics = [{ name = "bad name", aggregation = "sum", statistics = ["median"] }]
+"#,
+    );
+    let out = std::process::Command::new(bin())
+        .args(["check-config", p(&bad)])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (field, expected) in [
+        ("branches", "expected at least two"),
+        ("reference_branch", "expected one of {\"control\"}"),
+        ("enrollment_start", "expected YYYY-MM-DD"),
+        ("enrollment_period", "expected a number of days in 1..=365"),
+        ("segments[0].where", "expected clauses like"),
+        ("metrics[0].name", "expected letters, digits and _"),
+        ("metrics[0].statistics[0]", "expected one of [\"mean\""),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!(".{field}: ")))
+            .unwrap_or_else(|| panic!("no line for {field} in:\n{text}"));
+        assert!(line.contains(p(&bad)), "{line}");
+        assert!(line.contains(expected), "{line}");
+    }
+    let (state, results) = (dir.path().join("state"), dir.path().join("out"));
+    let events = write(dir.path(), "e.ndjson", "");
+    for args in [
+        vec!["replay", "--input", p(&events)],
+        vec!["run", "--brokers", "127.0.0.1:9"],
+    ] {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(&args).args([
+            "--config",
+            p(&bad),
+            "--data-dir",
+            p(&state),
+            "--out",
+            p(&results),
+        ]);
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(
+            stderr.contains("invalid configuration (8 problem(s))"),
+            "{stderr}"
+        );
+        assert!(
+            !state.exists() && !results.exists(),
+            "{args:?} wrote something"
+        );
+    }
+}
