@@ -25,7 +25,7 @@ use serde_json::Value;
 
 use crate::config::{Config, Experiment, Period};
 use crate::event::{Day, RejectReason, Timestamp};
-use crate::publish::{local::write_row, DataSourceFlags, TableData, TableKind};
+use crate::publish::{local::RowWriter, DataSourceFlags, TableData, TableKind};
 use crate::sketch::{self, CountAnswer, SketchConfig, SketchError};
 use crate::state::{PublishedRecord, StateError, Store};
 use crate::stats::srm::{sample_ratio_mismatch, Srm};
@@ -959,8 +959,10 @@ pub fn statistics_key(slug: &str, table: &str) -> Vec<u8> {
 /// A statistics table's rows as stored: NDJSON in the local sink's encoding.
 pub fn statistics_value(table: &TableData) -> Vec<u8> {
     let mut out = Vec::new();
+    let rows = RowWriter::new(table);
     for row in &table.rows {
-        write_row(&mut out, table, row).expect("writing to memory cannot fail");
+        rows.write(&mut out, row)
+            .expect("writing to memory cannot fail");
     }
     out
 }

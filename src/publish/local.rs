@@ -31,7 +31,7 @@ impl LocalSink {
     ) -> std::io::Result<()> {
         let path = self.dir.join(format!("{name}.ndjson"));
         let tmp = self.dir.join(format!("{name}.ndjson.tmp"));
-        let mut w = BufWriter::new(std::fs::File::create(&tmp)?);
+        let mut w = BufWriter::with_capacity(1 << 16, std::fs::File::create(&tmp)?);
         write(&mut w)?;
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
@@ -72,28 +72,93 @@ impl LocalSink {
     }
 }
 
-/// Writes one row as a JSON object in column order.
-pub fn write_row(w: &mut impl Write, table: &TableData, row: &[Value]) -> std::io::Result<()> {
-    w.write_all(b"{")?;
-    for (i, (col, v)) in table.columns.iter().zip(row).enumerate() {
-        if i > 0 {
-            w.write_all(b",")?;
-        }
-        serde_json::to_writer(&mut *w, &col.name)?;
-        w.write_all(b":")?;
-        match v {
-            Value::Null => w.write_all(b"null")?,
-            Value::Str(s) => serde_json::to_writer(&mut *w, s)?,
-            Value::Int(x) => write!(w, "{x}")?,
-            Value::Float(x) | Value::Numeric(x) if x.is_finite() => {
-                serde_json::to_writer(&mut *w, x)?
-            }
-            Value::Float(_) | Value::Numeric(_) => w.write_all(b"null")?,
-            Value::Bool(b) => write!(w, "{b}")?,
-            Value::Date(d) => write!(w, "\"{}\"", d.format("%Y-%m-%d"))?,
-        }
+/// Encodes rows of one table as JSON objects in column order. The keys (`{"name":` and
+/// `,"name":`) are escaped once per table; dates, plain strings and numbers are written
+/// without going through a formatter. The bytes are those of serde_json.
+pub struct RowWriter {
+    keys: Vec<Vec<u8>>,
+}
+
+impl RowWriter {
+    pub fn new(table: &TableData) -> Self {
+        let keys = table
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, col)| {
+                let mut k = vec![if i == 0 { b'{' } else { b',' }];
+                serde_json::to_writer(&mut k, &col.name).expect("writing to memory");
+                k.push(b':');
+                k
+            })
+            .collect();
+        RowWriter { keys }
     }
-    w.write_all(b"}\n")
+
+    pub fn write(&self, w: &mut impl Write, row: &[Value]) -> std::io::Result<()> {
+        if row.is_empty() {
+            w.write_all(b"{")?;
+        }
+        for (key, v) in self.keys.iter().zip(row) {
+            w.write_all(key)?;
+            match v {
+                Value::Null => w.write_all(b"null")?,
+                Value::Str(s) => write_str(w, s)?,
+                Value::Int(x) => serde_json::to_writer(&mut *w, x)?,
+                Value::Float(x) | Value::Numeric(x) if x.is_finite() => {
+                    serde_json::to_writer(&mut *w, x)?
+                }
+                Value::Float(_) | Value::Numeric(_) => w.write_all(b"null")?,
+                Value::Bool(b) => w.write_all(if *b { b"true" } else { b"false" })?,
+                Value::Date(d) => write_date(w, *d)?,
+            }
+        }
+        w.write_all(b"}\n")
+    }
+}
+
+/// A JSON string: as is when nothing in it needs escaping (the usual client id), else
+/// through serde_json.
+fn write_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        w.write_all(b"\"")?;
+        w.write_all(s.as_bytes())?;
+        w.write_all(b"\"")
+    } else {
+        serde_json::to_writer(&mut *w, s).map_err(std::io::Error::from)
+    }
+}
+
+/// `"YYYY-MM-DD"`, as `%Y-%m-%d` formats it (years outside 0..=9999 through chrono).
+fn write_date(w: &mut impl Write, d: chrono::NaiveDate) -> std::io::Result<()> {
+    use chrono::Datelike;
+    let (y, m, day) = (d.year(), d.month(), d.day());
+    if !(0..=9999).contains(&y) {
+        return write!(w, "\"{}\"", d.format("%Y-%m-%d"));
+    }
+    let y = y as u32;
+    let digit = |x: u32| b'0' + x as u8;
+    w.write_all(&[
+        b'"',
+        digit(y / 1000),
+        digit(y / 100 % 10),
+        digit(y / 10 % 10),
+        digit(y % 10),
+        b'-',
+        digit(m / 10),
+        digit(m % 10),
+        b'-',
+        digit(day / 10),
+        digit(day % 10),
+        b'"',
+    ])
+}
+
+/// Writes one row as a JSON object in column order (see [`RowWriter`] for many rows).
+pub fn write_row(w: &mut impl Write, table: &TableData, row: &[Value]) -> std::io::Result<()> {
+    RowWriter::new(table).write(w, row)
 }
 
 impl Sink for LocalSink {
@@ -102,9 +167,10 @@ impl Sink for LocalSink {
             table: table.name.clone(),
             detail: format!("{}: {e}", self.dir.display()),
         };
+        let rows = RowWriter::new(table);
         self.write_atomically(&table.name, |w| {
             for row in &table.rows {
-                write_row(w, table, row)?;
+                rows.write(w, row)?;
             }
             Ok(())
         })
@@ -124,6 +190,117 @@ impl Sink for LocalSink {
 mod tests {
     use super::*;
     use crate::publish::{Column, ColumnType};
+
+    /// The encoding before [`RowWriter`]: every key and value through serde_json or chrono.
+    fn reference_row(table: &TableData, row: &[Value]) -> Vec<u8> {
+        let mut w = Vec::new();
+        w.push(b'{');
+        for (i, (col, v)) in table.columns.iter().zip(row).enumerate() {
+            if i > 0 {
+                w.push(b',');
+            }
+            serde_json::to_writer(&mut w, &col.name).unwrap();
+            w.push(b':');
+            match v {
+                Value::Null => w.extend_from_slice(b"null"),
+                Value::Str(s) => serde_json::to_writer(&mut w, s).unwrap(),
+                Value::Int(x) => write!(w, "{x}").unwrap(),
+                Value::Float(x) | Value::Numeric(x) if x.is_finite() => {
+                    serde_json::to_writer(&mut w, x).unwrap()
+                }
+                Value::Float(_) | Value::Numeric(_) => w.extend_from_slice(b"null"),
+                Value::Bool(b) => write!(w, "{b}").unwrap(),
+                Value::Date(d) => write!(w, "\"{}\"", d.format("%Y-%m-%d")).unwrap(),
+            }
+        }
+        w.extend_from_slice(b"}\n");
+        w
+    }
+
+    #[test]
+    fn row_writer_writes_the_same_bytes_as_serde_json() {
+        use chrono::NaiveDate;
+        let date = |y, m, d| Value::Date(NaiveDate::from_ymd_opt(y, m, d).unwrap());
+        let table = TableData {
+            name: "t".into(),
+            kind: TableKind::Aggregates,
+            columns: ["client_id", "na\"me", "n", "x", "b", "d", "z"]
+                .iter()
+                .map(|c| Column::new(*c, ColumnType::String, true))
+                .collect(),
+            rows: vec![],
+        };
+        let values = [
+            vec![Value::Str("c-0001".into()), Value::Str("a\"b\\c".into())],
+            vec![
+                Value::Str("tab\there, é, \u{1}".into()),
+                Value::Str(String::new()),
+            ],
+            vec![
+                Value::Int(0),
+                Value::Int(-42),
+                Value::Int(i64::MIN),
+                Value::Int(i64::MAX),
+            ],
+            vec![
+                Value::Float(0.1),
+                Value::Float(-1e300),
+                Value::Numeric(0.5),
+                Value::Float(3.0),
+            ],
+            vec![
+                Value::Float(f64::NAN),
+                Value::Numeric(f64::INFINITY),
+                Value::Null,
+            ],
+            vec![Value::Bool(true), Value::Bool(false)],
+            vec![
+                date(2026, 1, 2),
+                date(999, 12, 31),
+                date(-3, 5, 6),
+                date(10000, 1, 1),
+            ],
+        ];
+        let mut n = 0;
+        for a in &values[0] {
+            for b in &values[1] {
+                for c in &values[2] {
+                    for (x, bo) in values[3]
+                        .iter()
+                        .chain(&values[4])
+                        .zip(values[5].iter().cycle())
+                    {
+                        for d in &values[6] {
+                            let row = vec![
+                                a.clone(),
+                                b.clone(),
+                                c.clone(),
+                                x.clone(),
+                                bo.clone(),
+                                d.clone(),
+                                Value::Null,
+                            ];
+                            let mut got = Vec::new();
+                            RowWriter::new(&table).write(&mut got, &row).unwrap();
+                            assert_eq!(
+                                String::from_utf8(got).unwrap(),
+                                String::from_utf8(reference_row(&table, &row)).unwrap()
+                            );
+                            n += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(n, 2 * 2 * 4 * 7 * 4);
+        let empty = TableData {
+            columns: vec![],
+            ..table
+        };
+        let mut got = Vec::new();
+        RowWriter::new(&empty).write(&mut got, &[]).unwrap();
+        assert_eq!(got, b"{}\n");
+    }
 
     #[test]
     fn writes_rows_and_views_and_replaces() {
