@@ -16,9 +16,6 @@ SCALE="${SCALE:-quick}"
 BENCH_DATA="${BENCH_DATA:-$BENCH_ROOT/target/bench-data}"
 BENCH_LOCK="${BENCH_LOCK:-/tmp/slipstream-bench.lock}"
 BIN="$CARGO_TARGET_DIR/release/slipstream"
-VENV="$CARGO_TARGET_DIR/bench-venv"
-# Pinned: the batch side of bench/parts/batch.sh (duckdb as in deploy/local's emulator).
-PY_PACKAGES=("duckdb==1.5.5" "numpy==2.4.6" "scipy==1.17.1")
 mkdir -p "$BENCH_DATA"
 
 case "$SCALE" in
@@ -39,15 +36,9 @@ build_release() {
     cargo build --release --locked --quiet >&2
 }
 
-ensure_venv() {
-    local marker="$VENV/.installed-$(echo "${PY_PACKAGES[*]}" | tr ' =' '_-')"
-    if [ ! -f "$marker" ]; then
-        log "installing ${PY_PACKAGES[*]} into $VENV"
-        rm -rf "$VENV"
-        "${PYTHON:-python3}" -m venv "$VENV" >&2
-        "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PY_PACKAGES[@]}" >&2
-        touch "$marker"
-    fi
+# The Python of the batch alternative (DuckDB, numpy), shared with tests/independent.rs.
+ensure_python() {
+    PY=$(deploy/local/install-batch-python.sh | tail -n 1)
 }
 
 # gen_events CONFIG CLIENTS OUT: the deterministic event file (seed 1), generated once.

@@ -27,10 +27,9 @@ else
 fi
 
 build_release
-ensure_venv
+ensure_python
 MACHINE=$(machine)
 DATE=$(date -u +%F)
-PY="$VENV/bin/python"
 DUCKDB_VERSION=$("$PY" -c 'import duckdb; print(duckdb.__version__)')
 
 # json_get FILE KEY.PATH: one value of the JSON object in FILE.

@@ -14,6 +14,12 @@ SLIPSTREAM_BQEMULATOR="$(deploy/local/install-bqemulator.sh | tail -n 1)"
 export SLIPSTREAM_BQEMULATOR
 echo "bqemulator: $SLIPSTREAM_BQEMULATOR"
 
+# The independent implementation of the tables and statistics (DuckDB SQL and numpy) that
+# tests/independent.rs compares slipstream's output with.
+SLIPSTREAM_BATCH_PYTHON="$(deploy/local/install-batch-python.sh | tail -n 1)"
+export SLIPSTREAM_BATCH_PYTHON SLIPSTREAM_REQUIRE_BATCH_PYTHON=1
+echo "batch python: $SLIPSTREAM_BATCH_PYTHON"
+
 CHROMIUM="$(deploy/local/install-chromium.sh | tail -n 1)"
 echo "chromium: $CHROMIUM"
 # The results page test must run the real browser here, not skip it.
