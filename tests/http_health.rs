@@ -624,6 +624,43 @@ fn run_exposes_pipeline_counters_at_metrics_while_consuming() {
         .unwrap()
         .text()
         .unwrap();
+    // Counting under `run --listen`: once everything is consumed, the same answers as
+    // `serve` over a replay of the same file (the sketches are folded the same way).
+    let replayed = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&events).unwrap();
+    let (rcfg, rstate) = replay_into(
+        replayed.path(),
+        &std::fs::read_to_string(&cfg).unwrap(),
+        &text,
+    );
+    let serve = Server::start(&rcfg, &rstate, None);
+    for q in [
+        "/v1/mau?date=2026-11-20",
+        "/v1/dau?date=2026-11-04&group_by=os",
+        "/v1/experiments/health-test/dau?date=2026-11-05",
+    ] {
+        let want = serve.ok(q);
+        assert!(want.to_string().contains("estimate"), "{q}: {want}");
+        if q.starts_with("/v1/mau") {
+            // 300 generated clients, nearly all active in the 28 days.
+            let estimate = want["estimate"].as_f64().unwrap();
+            assert!((250.0..=310.0).contains(&estimate), "{want}");
+        }
+        loop {
+            let got: Value = reqwest::blocking::get(format!("{base}{q}"))
+                .unwrap()
+                .json()
+                .unwrap();
+            if got == want {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{q} under run: {got}, serve over the replay: {want}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    }
     let _ = child.kill();
     let _ = child.wait();
     let lag = &health["consumer_lag"];
