@@ -315,7 +315,9 @@ impl Pipeline {
             materialize::build(&exp, self.fold.store(), due, &self.fold.config().pipeline)?;
         self.times.materialize += started.elapsed();
         // Aggregate tables precede their statistics table, whose record decides whether
-        // the window counts as published: a window is published only when all are.
+        // the window counts as published: a window is published only when all are. An
+        // aggregate table that failed for good parks its window like a failed statistics
+        // table: the statistics record keeps the cause until a forced pass retries it.
         let mut window_failed: Option<String> = None;
         let mut rows_of_window = 0u64;
         let mut signature = WindowSignature::default();
@@ -326,12 +328,12 @@ impl Pipeline {
             let outcome = match (&table.kind, &window_failed) {
                 (TableKind::Aggregates, Some(_)) => continue,
                 (TableKind::Statistics { .. }, Some(why)) => {
-                    let e = PublishError::Transient {
+                    let e = PublishError::Permanent {
                         table: table.name.clone(),
-                        detail: format!("not published because {why}"),
+                        detail: format!("not published because of a {why}"),
                     };
                     self.record_failure(Some(x), &table.name, e, report)?;
-                    Outcome::Failed
+                    Outcome::Failed(String::new())
                 }
                 (TableKind::Statistics { .. }, None) => {
                     let sig = std::mem::take(&mut signature);
@@ -342,8 +344,8 @@ impl Pipeline {
             };
             match outcome {
                 Outcome::Backoff => return Ok(false),
-                Outcome::Failed if matches!(table.kind, TableKind::Aggregates) => {
-                    window_failed = Some(format!("{} failed", table.name))
+                Outcome::Failed(why) if matches!(table.kind, TableKind::Aggregates) => {
+                    window_failed = Some(why)
                 }
                 _ => {}
             }
@@ -434,9 +436,10 @@ impl Pipeline {
             }
             Err(e) => {
                 let permanent = matches!(e, PublishError::Permanent { .. });
+                let why = e.to_string();
                 self.record_failure(owner, &table.name, e, report)?;
                 if permanent {
-                    return Ok(Outcome::Failed);
+                    return Ok(Outcome::Failed(why));
                 }
                 // The sink is down or overloaded: stop this pass and back off (capped,
                 // with jitter); folding goes on meanwhile.
@@ -483,8 +486,9 @@ impl Pipeline {
 /// What became of one table's publication.
 enum Outcome {
     Published,
-    /// Failed permanently, or not attempted because its window failed.
-    Failed,
+    /// Failed permanently (the error, naming the table and the cause), or not attempted
+    /// because its window failed.
+    Failed(String),
     /// Failed transiently: the pass stops and the pipeline backs off.
     Backoff,
 }
@@ -501,4 +505,155 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How often a long-running loop should flush, from config.
 pub fn batch_interval(fold: &Fold) -> Duration {
     Duration::from_millis(fold.config().pipeline.batch_millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::health::{window_states, WindowPhase};
+
+    const CONFIG: &str = r#"
+[pipeline]
+replicates = 20
+
+[[experiment]]
+slug = "parked"
+branches = ["control", "treatment"]
+enrollment_start = "2026-11-01"
+enrollment_period = 1
+end_date = "2026-11-04"
+periods = ["day", "overall"]
+
+[[experiment]]
+slug = "healthy"
+branches = ["control", "treatment"]
+enrollment_start = "2026-11-01"
+enrollment_period = 1
+end_date = "2026-11-04"
+periods = ["day", "overall"]
+"#;
+
+    /// Refuses the aggregate tables of experiment `parked` for good while `refuse` is
+    /// set, as BigQuery refuses a table it may not write; records every call.
+    struct Refusing {
+        calls: Arc<Mutex<Vec<String>>>,
+        refuse: Arc<AtomicBool>,
+    }
+
+    impl Sink for Refusing {
+        fn publish(&mut self, table: &TableData) -> Result<(), PublishError> {
+            self.calls.lock().unwrap().push(table.name.clone());
+            if self.refuse.load(Ordering::Relaxed) && table.name.starts_with("parked_") {
+                return Err(PublishError::Permanent {
+                    table: table.name.clone(),
+                    detail: "HTTP 403 (accessDenied): access denied".into(),
+                });
+            }
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "refusing".into()
+        }
+    }
+
+    fn events() -> String {
+        let mut lines = Vec::new();
+        for (i, branch) in ["control", "treatment", "control", "treatment"]
+            .iter()
+            .enumerate()
+        {
+            for slug in ["parked", "healthy"] {
+                lines.push(format!(
+                    r#"{{"client_id":"c{i}","experiment":"{slug}","branch":"{branch}","event":"enroll","timestamp":"2026-11-01T10:00:00Z"}}"#
+                ));
+            }
+            for day in 1..=3 {
+                lines.push(format!(
+                    r#"{{"client_id":"c{i}","submission_timestamp":"2026-11-0{day}T12:00:00Z","experiments":{{"parked":"{branch}","healthy":"{branch}"}},"metrics":{{"active_hours":{i}.5}}}}"#
+                ));
+            }
+        }
+        lines.join("\n")
+    }
+
+    #[test]
+    fn a_permanently_failing_aggregate_table_parks_its_window_until_a_forced_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg_path = dir.path().join("c.toml");
+        std::fs::write(&cfg_path, CONFIG).unwrap();
+        let cfg = crate::config::load(&cfg_path).unwrap();
+        let store = crate::state::Store::open(&dir.path().join("state"), &cfg).unwrap();
+        let mut fold = Fold::new(cfg.clone(), store, &["file:e"]).unwrap();
+        for line in events().lines() {
+            let ev = crate::event::decode_json(line.as_bytes(), crate::event::Kind::Any, 1 << 20)
+                .unwrap();
+            assert!(fold.apply("file:e", 0, &ev).is_none(), "{line}");
+        }
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let refuse = Arc::new(AtomicBool::new(true));
+        let sink = Refusing {
+            calls: calls.clone(),
+            refuse: refuse.clone(),
+        };
+        let mut pipeline = Pipeline::new(fold, Box::new(sink));
+        let (parked, healthy) = (&cfg.experiments[0], &cfg.experiments[1]);
+        let all = window::windows(parked);
+        let attempts = |name: &str| calls.lock().unwrap().iter().filter(|c| *c == name).count();
+
+        // The first window completes: the parked experiment's fails, the other publishes.
+        let first = Some(all[0].complete_at(parked));
+        let report = pipeline.flush_and_publish(first, false).unwrap();
+        assert!(!report.failures.is_empty());
+        assert_eq!(attempts("parked_enrollments_day_1"), 1);
+        assert_eq!(attempts("statistics_healthy_day_1"), 1);
+
+        // Later passes: the other experiment publishes its later windows; the parked
+        // window is not rebuilt nor resent, and each later window of the parked
+        // experiment is tried once.
+        let end = Some(Timestamp(
+            all.iter().map(|w| w.complete_at(parked).0).max().unwrap(),
+        ));
+        for _ in 0..3 {
+            pipeline.flush_and_publish(end, false).unwrap();
+        }
+        for w in &all {
+            assert_eq!(attempts(&w.statistics_table(healthy)), 1, "{w:?}");
+            assert_eq!(
+                attempts(&w.aggregate_table(parked, crate::config::AnalysisBasis::Enrollments)),
+                1,
+                "{w:?} of the parked experiment was sent again without a forced pass"
+            );
+            assert_eq!(attempts(&w.statistics_table(parked)), 0, "{w:?}");
+        }
+        // The cause and the failing table are kept, in the record and in health.
+        let states = window_states(parked, pipeline.fold.published(Some(0)), end);
+        for s in &states {
+            assert_eq!(s.state, WindowPhase::Failed, "{s:?}");
+            assert!(s.permanent, "{s:?}");
+            let why = s.last_error.as_deref().unwrap();
+            assert!(
+                why.contains(&s.table.replace("statistics_parked", "parked_enrollments"))
+                    && why.contains("access denied"),
+                "{why}"
+            );
+        }
+        let healthy_states = window_states(healthy, pipeline.fold.published(Some(1)), end);
+        assert!(healthy_states
+            .iter()
+            .all(|s| s.state == WindowPhase::Published));
+
+        // A forced pass (`finalize`) retries the parked windows; once they go through,
+        // they are published.
+        refuse.store(false, Ordering::Relaxed);
+        pipeline.flush_and_publish(end, true).unwrap();
+        for w in &all {
+            assert_eq!(attempts(&w.statistics_table(parked)), 1, "{w:?}");
+            assert_eq!(attempts(&w.statistics_table(healthy)), 1, "{w:?}");
+        }
+        let states = window_states(parked, pipeline.fold.published(Some(0)), end);
+        assert!(states.iter().all(|s| s.state == WindowPhase::Published));
+    }
 }
