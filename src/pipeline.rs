@@ -9,8 +9,14 @@
 //! (`late_lookback_days` after it completed) publishes them. The state a publication
 //! reflects is made durable first, and a table is recorded as published only after the
 //! sink confirmed it, so a crash in between just publishes it again (sinks replace tables).
+//!
+//! A configuration change can alter what published tables hold: a metric or segment added,
+//! removed or redefined, a metric's statistics changed. Each window and enrollment table is stored
+//! with the shape it was published with (`materialize::window_shape`); the first pass
+//! after a start finds those whose shape differs from the config's and publishes them
+//! again at once, replacing their tables.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,6 +83,10 @@ pub struct Pipeline {
     /// Least time between two measurements of the same dirty window while late events
     /// keep arriving (each measurement reads the window's state): `late_check_secs`.
     pub late_check_interval: Duration,
+    /// Per experiment, the published statistics and enrollment tables whose shape differs
+    /// from the config's: published again as soon as a pass reaches them. Found at the
+    /// first pass (None before).
+    reshaped: Option<Vec<HashSet<String>>>,
 }
 
 fn now_micros() -> i64 {
@@ -97,7 +107,65 @@ impl Pipeline {
             backoff_until: None,
             late_check_interval: Duration::from_secs(late_check_secs),
             late_measured: HashMap::new(),
+            reshaped: None,
         }
+    }
+
+    /// Published windows and enrollment tables whose stored shape differs from the one the
+    /// config gives them now, per experiment: one read per published window.
+    fn find_reshaped(&self) -> Result<Vec<HashSet<String>>, StateError> {
+        let store = self.fold.store();
+        let mut out = Vec::new();
+        for (x, exp) in self.fold.config().experiments.iter().enumerate() {
+            let mut reshaped = HashSet::new();
+            if self.fold.is_retired(x) {
+                out.push(reshaped); // never published again
+                continue;
+            }
+            let published = self.fold.published(Some(x));
+            let metrics: BTreeSet<&str> = exp.metrics.iter().map(|m| m.name.as_str()).collect();
+            let window_shape = materialize::window_shape(exp);
+            let tables = window::windows(exp)
+                .into_iter()
+                .map(|w| (w.statistics_table(exp), window_shape, true))
+                .chain([(
+                    enrollments_table(exp),
+                    materialize::enrollments_shape(exp),
+                    false,
+                )]);
+            for (table, shape, is_window) in tables {
+                if published.get(&table).is_none_or(|r| r.published_at == 0) {
+                    continue;
+                }
+                let changed = match store.shape(&exp.slug, &table)? {
+                    Some(stored) => stored != shape,
+                    // Published before shapes were kept: a window's signature names its
+                    // metrics; an enrollment table is taken as it is.
+                    None if is_window => store
+                        .signature(&exp.slug, &table)?
+                        .is_some_and(|sig| sig.metric_names() != metrics),
+                    None => false,
+                };
+                if changed {
+                    reshaped.insert(table);
+                }
+            }
+            if !reshaped.is_empty() {
+                tracing::info!(
+                    experiment = %exp.slug,
+                    tables = reshaped.len(),
+                    "the configuration changed the metrics, segments or statistics of published tables: publishing them again"
+                );
+            }
+            out.push(reshaped);
+        }
+        Ok(out)
+    }
+
+    /// Whether experiment `x`'s published `table` must be published again because the
+    /// config changed its shape.
+    fn is_reshaped(&self, x: usize, table: &str) -> bool {
+        self.reshaped.as_ref().is_some_and(|r| r[x].contains(table))
     }
 
     /// Merges the delta log into per-client records (before materializing from them).
@@ -116,15 +184,23 @@ impl Pipeline {
     }
 
     /// Whether a publication record says a table that is not a window (enrollments,
-    /// activity sketches) needs (re)publishing: once `ready`, and again when late events
-    /// touched more than the threshold of its rows (any, when `force`d). A table whose
-    /// last failure was permanent waits for a forced pass (`finalize`).
-    fn needs(&self, rec: Option<&PublishedRecord>, ready: bool, force: bool) -> bool {
+    /// activity sketches) needs (re)publishing: once `ready`, again when `reshaped`, and
+    /// again when late events touched more than the threshold of its rows (any, when
+    /// `force`d). A table whose last failure was permanent waits for a forced pass
+    /// (`finalize`).
+    fn needs(
+        &self,
+        rec: Option<&PublishedRecord>,
+        ready: bool,
+        force: bool,
+        reshaped: bool,
+    ) -> bool {
         let threshold = self.fold.config().pipeline.republish_threshold;
         match rec {
             None => ready,
             Some(r) if r.permanent => force && ready,
             Some(r) if r.published_at == 0 => ready, // only failures so far
+            Some(_) if reshaped => ready,
             Some(r) => {
                 r.late_events > 0 && (force || r.late_events as f64 > threshold * r.rows as f64)
             }
@@ -142,10 +218,12 @@ impl Pipeline {
         let mut measure = Vec::new();
         for w in window::windows(exp) {
             let ready = reached(w.complete_at(exp));
-            let (publish, measure_it) = match published.get(&w.statistics_table(exp)) {
+            let table = w.statistics_table(exp);
+            let (publish, measure_it) = match published.get(&table) {
                 None => (ready, false),
                 Some(r) if r.permanent => (force && ready, false),
                 Some(r) if r.published_at == 0 => (ready, false), // only failures so far
+                Some(_) if self.is_reshaped(x, &table) => (ready, false),
                 Some(r) if r.late_events == 0 => (false, false),
                 // Dirty: everything once the look-back is over (forced), else by measure.
                 Some(_) if force && reached(lookback_end(exp, &w, lookback)) => (true, false),
@@ -157,8 +235,14 @@ impl Pipeline {
                 measure.push(w);
             }
         }
-        let rec = published.get(&enrollments_table(exp));
-        due.enrollments = self.needs(rec, reached(window::enrollment_closed_at(exp)), force);
+        let table = enrollments_table(exp);
+        let closed = reached(window::enrollment_closed_at(exp));
+        due.enrollments = self.needs(
+            published.get(&table),
+            closed,
+            force,
+            self.is_reshaped(x, &table),
+        );
         (due, measure)
     }
 
@@ -259,6 +343,9 @@ impl Pipeline {
         self.times.flush += took;
         self.metrics.record_flush(&self.fold.stats);
         let mut report = PublishReport::default();
+        if self.reshaped.is_none() {
+            self.reshaped = Some(self.find_reshaped()?);
+        }
         if self.backoff_until.is_some_and(|t| Instant::now() < t) {
             return Ok(report); // the sink is down: keep folding, publish later
         }
@@ -377,7 +464,7 @@ impl Pipeline {
             let name = window::activity_sketches_table(day);
             let ready = watermark.is_some_and(|w| w >= Timestamp::from_day(day.plus(1)));
             let rec = self.fold.published(None).get(&name);
-            if !self.needs(rec, ready, force) {
+            if !self.needs(rec, ready, force, false) {
                 continue;
             }
             self.fold.sync()?;
@@ -419,6 +506,21 @@ impl Pipeline {
                     // What the sink now holds, before the record that clears the late marks.
                     if let Some(sig) = signature {
                         self.fold.store().set_signature(slug, &table.name, sig)?;
+                    }
+                }
+                // The shape the sink now holds, likewise before the record.
+                if let Some(x) = owner {
+                    let exp = &self.fold.config().experiments[x];
+                    let shape = match table.kind {
+                        TableKind::Statistics { .. } => Some(materialize::window_shape(exp)),
+                        TableKind::Enrollments => Some(materialize::enrollments_shape(exp)),
+                        TableKind::Aggregates | TableKind::Sketches => None,
+                    };
+                    if let Some(shape) = shape {
+                        self.fold.store().set_shape(&exp.slug, &table.name, shape)?;
+                        if let Some(r) = self.reshaped.as_mut() {
+                            r[x].remove(&table.name);
+                        }
                     }
                 }
                 self.metrics.tables_published.inc();
