@@ -6,6 +6,8 @@
 //! in client-id order, so rows and statistics do not depend on how the input was
 //! partitioned or batched.
 
+use std::collections::BTreeSet;
+
 use chrono::{Datelike, NaiveDate};
 
 use crate::aggregate::{aggregate_window, ExperimentPlan, WindowAggregate};
@@ -99,6 +101,14 @@ impl WindowSignature {
         }
     }
 
+    /// The metrics whose sums it holds (the metric columns of the window's tables).
+    pub fn metric_names(&self) -> BTreeSet<&str> {
+        self.sums
+            .iter()
+            .filter_map(|(key, _)| key.split_once('.').map(|(_, metric)| metric))
+            .collect()
+    }
+
     /// The largest relative change from `self` (as published) to `now`: of the row counts
     /// and of each metric sum. A sum that moves away from zero, or a metric that appeared
     /// or vanished, is an infinite change; other changed values (same counts and sums) the
@@ -128,6 +138,53 @@ impl WindowSignature {
             return f64::MIN_POSITIVE;
         }
         worst
+    }
+}
+
+/// What a configuration change can alter in an experiment's enrollment table, as a hash:
+/// its columns and the segment definitions that fill them. Stored with each publication
+/// (`state::Store::shape`); a table published under another shape is published again.
+pub fn enrollments_shape(exp: &Experiment) -> u64 {
+    let mut h = columns_hash(&enrollments_schema(exp));
+    segments_hash(exp, &mut h);
+    h.digest()
+}
+
+/// The same for a window: its aggregate tables' columns, the definitions of the metrics
+/// and segments that fill them, and each metric's statistics (the rows of its statistics
+/// table).
+pub fn window_shape(exp: &Experiment) -> u64 {
+    let mut h = columns_hash(&aggregate_schema(exp));
+    segments_hash(exp, &mut h);
+    for m in &exp.metrics {
+        let field = m.field.as_deref().unwrap_or("");
+        let aggregation = format!("{:?}", m.aggregation);
+        for text in [&m.name, &m.data_source, field, &aggregation] {
+            hash_str(&mut h, text);
+        }
+    }
+    h.update(&crate::state::encode(&metric_specs(exp)));
+    h.digest()
+}
+
+fn hash_str(h: &mut xxhash_rust::xxh3::Xxh3, s: &str) {
+    h.update(&(s.len() as u64).to_le_bytes());
+    h.update(s.as_bytes());
+}
+
+fn columns_hash(columns: &[Column]) -> xxhash_rust::xxh3::Xxh3 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for c in columns {
+        hash_str(&mut h, &c.name);
+        h.update(&[c.kind as u8, u8::from(c.nullable)]);
+    }
+    h
+}
+
+fn segments_hash(exp: &Experiment, h: &mut xxhash_rust::xxh3::Xxh3) {
+    for s in &exp.segments {
+        hash_str(h, &s.name);
+        hash_str(h, &s.expression);
     }
 }
 
@@ -678,5 +735,58 @@ mod signature_tests {
             s.digest,
             xxhash_rust::xxh3::xxh3_64_with_seed(&bytes.repeat(1000), 0)
         );
+    }
+
+    #[test]
+    fn metric_names_are_those_of_the_sums() {
+        let s = sig(
+            3,
+            &[("t#rows", 3.0), ("t.a", 1.0), ("u.a", 2.0), ("u.b", 0.0)],
+        );
+        assert_eq!(s.metric_names().into_iter().collect::<Vec<_>>(), ["a", "b"]);
+    }
+
+    /// What changes a published table's shape, and what does not.
+    #[test]
+    fn shapes_follow_columns_metrics_segments_and_statistics() {
+        use super::{enrollments_shape, window_shape};
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/examples/experiment.toml"
+        );
+        let exp = crate::config::load(std::path::Path::new(path))
+            .unwrap()
+            .experiments[0]
+            .clone();
+        let (window, enrollments) = (window_shape(&exp), enrollments_shape(&exp));
+        let mut other = exp.clone();
+        other.end_date = other.end_date + chrono::Days::new(7);
+        other.seed += 1;
+        assert_eq!(window_shape(&other), window);
+        assert_eq!(enrollments_shape(&other), enrollments);
+
+        let mut fewer = exp.clone();
+        fewer.metrics.pop();
+        assert_ne!(window_shape(&fewer), window);
+        assert_eq!(enrollments_shape(&fewer), enrollments);
+
+        let mut statistics = exp.clone();
+        statistics.metrics[0].statistics = vec![crate::stats::StatisticSpec::new(
+            crate::stats::StatisticKind::Count,
+        )];
+        assert_ne!(window_shape(&statistics), window);
+
+        let mut redefined = exp.clone();
+        redefined.metrics[0].aggregation = crate::config::Aggregation::Max;
+        assert_ne!(window_shape(&redefined), window);
+
+        let mut segments = exp.clone();
+        segments.segments.pop();
+        assert_ne!(window_shape(&segments), window);
+        assert_ne!(enrollments_shape(&segments), enrollments);
+        let mut segments = exp.clone();
+        segments.segments[0].expression = "os = \"Linux\"".into();
+        assert_ne!(window_shape(&segments), window);
+        assert_ne!(enrollments_shape(&segments), enrollments);
     }
 }

@@ -9,8 +9,14 @@
 //! (`late_lookback_days` after it completed) publishes them. The state a publication
 //! reflects is made durable first, and a table is recorded as published only after the
 //! sink confirmed it, so a crash in between just publishes it again (sinks replace tables).
+//!
+//! A configuration change can alter what published tables hold: a metric or segment added,
+//! removed or redefined, a metric's statistics changed. Each window and enrollment table is stored
+//! with the shape it was published with (`materialize::window_shape`); the first pass
+//! after a start finds those whose shape differs from the config's and publishes them
+//! again at once, replacing their tables.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,6 +83,10 @@ pub struct Pipeline {
     /// Least time between two measurements of the same dirty window while late events
     /// keep arriving (each measurement reads the window's state): `late_check_secs`.
     pub late_check_interval: Duration,
+    /// Per experiment, the published statistics and enrollment tables whose shape differs
+    /// from the config's: published again as soon as a pass reaches them. Found at the
+    /// first pass (None before).
+    reshaped: Option<Vec<HashSet<String>>>,
 }
 
 fn now_micros() -> i64 {
@@ -97,7 +107,65 @@ impl Pipeline {
             backoff_until: None,
             late_check_interval: Duration::from_secs(late_check_secs),
             late_measured: HashMap::new(),
+            reshaped: None,
         }
+    }
+
+    /// Published windows and enrollment tables whose stored shape differs from the one the
+    /// config gives them now, per experiment: one read per published window.
+    fn find_reshaped(&self) -> Result<Vec<HashSet<String>>, StateError> {
+        let store = self.fold.store();
+        let mut out = Vec::new();
+        for (x, exp) in self.fold.config().experiments.iter().enumerate() {
+            let mut reshaped = HashSet::new();
+            if self.fold.is_retired(x) {
+                out.push(reshaped); // never published again
+                continue;
+            }
+            let published = self.fold.published(Some(x));
+            let metrics: BTreeSet<&str> = exp.metrics.iter().map(|m| m.name.as_str()).collect();
+            let window_shape = materialize::window_shape(exp);
+            let tables = window::windows(exp)
+                .into_iter()
+                .map(|w| (w.statistics_table(exp), window_shape, true))
+                .chain([(
+                    enrollments_table(exp),
+                    materialize::enrollments_shape(exp),
+                    false,
+                )]);
+            for (table, shape, is_window) in tables {
+                if published.get(&table).is_none_or(|r| r.published_at == 0) {
+                    continue;
+                }
+                let changed = match store.shape(&exp.slug, &table)? {
+                    Some(stored) => stored != shape,
+                    // Published before shapes were kept: a window's signature names its
+                    // metrics; an enrollment table is taken as it is.
+                    None if is_window => store
+                        .signature(&exp.slug, &table)?
+                        .is_some_and(|sig| sig.metric_names() != metrics),
+                    None => false,
+                };
+                if changed {
+                    reshaped.insert(table);
+                }
+            }
+            if !reshaped.is_empty() {
+                tracing::info!(
+                    experiment = %exp.slug,
+                    tables = reshaped.len(),
+                    "the configuration changed the metrics, segments or statistics of published tables: publishing them again"
+                );
+            }
+            out.push(reshaped);
+        }
+        Ok(out)
+    }
+
+    /// Whether experiment `x`'s published `table` must be published again because the
+    /// config changed its shape.
+    fn is_reshaped(&self, x: usize, table: &str) -> bool {
+        self.reshaped.as_ref().is_some_and(|r| r[x].contains(table))
     }
 
     /// Merges the delta log into per-client records (before materializing from them).
@@ -116,15 +184,23 @@ impl Pipeline {
     }
 
     /// Whether a publication record says a table that is not a window (enrollments,
-    /// activity sketches) needs (re)publishing: once `ready`, and again when late events
-    /// touched more than the threshold of its rows (any, when `force`d). A table whose
-    /// last failure was permanent waits for a forced pass (`finalize`).
-    fn needs(&self, rec: Option<&PublishedRecord>, ready: bool, force: bool) -> bool {
+    /// activity sketches) needs (re)publishing: once `ready`, again when `reshaped`, and
+    /// again when late events touched more than the threshold of its rows (any, when
+    /// `force`d). A table whose last failure was permanent waits for a forced pass
+    /// (`finalize`).
+    fn needs(
+        &self,
+        rec: Option<&PublishedRecord>,
+        ready: bool,
+        force: bool,
+        reshaped: bool,
+    ) -> bool {
         let threshold = self.fold.config().pipeline.republish_threshold;
         match rec {
             None => ready,
             Some(r) if r.permanent => force && ready,
             Some(r) if r.published_at == 0 => ready, // only failures so far
+            Some(_) if reshaped => ready,
             Some(r) => {
                 r.late_events > 0 && (force || r.late_events as f64 > threshold * r.rows as f64)
             }
@@ -142,10 +218,12 @@ impl Pipeline {
         let mut measure = Vec::new();
         for w in window::windows(exp) {
             let ready = reached(w.complete_at(exp));
-            let (publish, measure_it) = match published.get(&w.statistics_table(exp)) {
+            let table = w.statistics_table(exp);
+            let (publish, measure_it) = match published.get(&table) {
                 None => (ready, false),
                 Some(r) if r.permanent => (force && ready, false),
                 Some(r) if r.published_at == 0 => (ready, false), // only failures so far
+                Some(_) if self.is_reshaped(x, &table) => (ready, false),
                 Some(r) if r.late_events == 0 => (false, false),
                 // Dirty: everything once the look-back is over (forced), else by measure.
                 Some(_) if force && reached(lookback_end(exp, &w, lookback)) => (true, false),
@@ -157,8 +235,14 @@ impl Pipeline {
                 measure.push(w);
             }
         }
-        let rec = published.get(&enrollments_table(exp));
-        due.enrollments = self.needs(rec, reached(window::enrollment_closed_at(exp)), force);
+        let table = enrollments_table(exp);
+        let closed = reached(window::enrollment_closed_at(exp));
+        due.enrollments = self.needs(
+            published.get(&table),
+            closed,
+            force,
+            self.is_reshaped(x, &table),
+        );
         (due, measure)
     }
 
@@ -259,6 +343,9 @@ impl Pipeline {
         self.times.flush += took;
         self.metrics.record_flush(&self.fold.stats);
         let mut report = PublishReport::default();
+        if self.reshaped.is_none() {
+            self.reshaped = Some(self.find_reshaped()?);
+        }
         if self.backoff_until.is_some_and(|t| Instant::now() < t) {
             return Ok(report); // the sink is down: keep folding, publish later
         }
@@ -315,7 +402,9 @@ impl Pipeline {
             materialize::build(&exp, self.fold.store(), due, &self.fold.config().pipeline)?;
         self.times.materialize += started.elapsed();
         // Aggregate tables precede their statistics table, whose record decides whether
-        // the window counts as published: a window is published only when all are.
+        // the window counts as published: a window is published only when all are. An
+        // aggregate table that failed for good parks its window like a failed statistics
+        // table: the statistics record keeps the cause until a forced pass retries it.
         let mut window_failed: Option<String> = None;
         let mut rows_of_window = 0u64;
         let mut signature = WindowSignature::default();
@@ -326,12 +415,12 @@ impl Pipeline {
             let outcome = match (&table.kind, &window_failed) {
                 (TableKind::Aggregates, Some(_)) => continue,
                 (TableKind::Statistics { .. }, Some(why)) => {
-                    let e = PublishError::Transient {
+                    let e = PublishError::Permanent {
                         table: table.name.clone(),
-                        detail: format!("not published because {why}"),
+                        detail: format!("not published because of a {why}"),
                     };
                     self.record_failure(Some(x), &table.name, e, report)?;
-                    Outcome::Failed
+                    Outcome::Failed(String::new())
                 }
                 (TableKind::Statistics { .. }, None) => {
                     let sig = std::mem::take(&mut signature);
@@ -342,8 +431,8 @@ impl Pipeline {
             };
             match outcome {
                 Outcome::Backoff => return Ok(false),
-                Outcome::Failed if matches!(table.kind, TableKind::Aggregates) => {
-                    window_failed = Some(format!("{} failed", table.name))
+                Outcome::Failed(why) if matches!(table.kind, TableKind::Aggregates) => {
+                    window_failed = Some(why)
                 }
                 _ => {}
             }
@@ -375,7 +464,7 @@ impl Pipeline {
             let name = window::activity_sketches_table(day);
             let ready = watermark.is_some_and(|w| w >= Timestamp::from_day(day.plus(1)));
             let rec = self.fold.published(None).get(&name);
-            if !self.needs(rec, ready, force) {
+            if !self.needs(rec, ready, force, false) {
                 continue;
             }
             self.fold.sync()?;
@@ -419,6 +508,21 @@ impl Pipeline {
                         self.fold.store().set_signature(slug, &table.name, sig)?;
                     }
                 }
+                // The shape the sink now holds, likewise before the record.
+                if let Some(x) = owner {
+                    let exp = &self.fold.config().experiments[x];
+                    let shape = match table.kind {
+                        TableKind::Statistics { .. } => Some(materialize::window_shape(exp)),
+                        TableKind::Enrollments => Some(materialize::enrollments_shape(exp)),
+                        TableKind::Aggregates | TableKind::Sketches => None,
+                    };
+                    if let Some(shape) = shape {
+                        self.fold.store().set_shape(&exp.slug, &table.name, shape)?;
+                        if let Some(r) = self.reshaped.as_mut() {
+                            r[x].remove(&table.name);
+                        }
+                    }
+                }
                 self.metrics.tables_published.inc();
                 report.tables += 1;
                 report.rows += table.rows.len();
@@ -434,9 +538,10 @@ impl Pipeline {
             }
             Err(e) => {
                 let permanent = matches!(e, PublishError::Permanent { .. });
+                let why = e.to_string();
                 self.record_failure(owner, &table.name, e, report)?;
                 if permanent {
-                    return Ok(Outcome::Failed);
+                    return Ok(Outcome::Failed(why));
                 }
                 // The sink is down or overloaded: stop this pass and back off (capped,
                 // with jitter); folding goes on meanwhile.
@@ -483,8 +588,9 @@ impl Pipeline {
 /// What became of one table's publication.
 enum Outcome {
     Published,
-    /// Failed permanently, or not attempted because its window failed.
-    Failed,
+    /// Failed permanently (the error, naming the table and the cause), or not attempted
+    /// because its window failed.
+    Failed(String),
     /// Failed transiently: the pass stops and the pipeline backs off.
     Backoff,
 }
@@ -501,4 +607,155 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How often a long-running loop should flush, from config.
 pub fn batch_interval(fold: &Fold) -> Duration {
     Duration::from_millis(fold.config().pipeline.batch_millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::health::{window_states, WindowPhase};
+
+    const CONFIG: &str = r#"
+[pipeline]
+replicates = 20
+
+[[experiment]]
+slug = "parked"
+branches = ["control", "treatment"]
+enrollment_start = "2026-11-01"
+enrollment_period = 1
+end_date = "2026-11-04"
+periods = ["day", "overall"]
+
+[[experiment]]
+slug = "healthy"
+branches = ["control", "treatment"]
+enrollment_start = "2026-11-01"
+enrollment_period = 1
+end_date = "2026-11-04"
+periods = ["day", "overall"]
+"#;
+
+    /// Refuses the aggregate tables of experiment `parked` for good while `refuse` is
+    /// set, as BigQuery refuses a table it may not write; records every call.
+    struct Refusing {
+        calls: Arc<Mutex<Vec<String>>>,
+        refuse: Arc<AtomicBool>,
+    }
+
+    impl Sink for Refusing {
+        fn publish(&mut self, table: &TableData) -> Result<(), PublishError> {
+            self.calls.lock().unwrap().push(table.name.clone());
+            if self.refuse.load(Ordering::Relaxed) && table.name.starts_with("parked_") {
+                return Err(PublishError::Permanent {
+                    table: table.name.clone(),
+                    detail: "HTTP 403 (accessDenied): access denied".into(),
+                });
+            }
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "refusing".into()
+        }
+    }
+
+    fn events() -> String {
+        let mut lines = Vec::new();
+        for (i, branch) in ["control", "treatment", "control", "treatment"]
+            .iter()
+            .enumerate()
+        {
+            for slug in ["parked", "healthy"] {
+                lines.push(format!(
+                    r#"{{"client_id":"c{i}","experiment":"{slug}","branch":"{branch}","event":"enroll","timestamp":"2026-11-01T10:00:00Z"}}"#
+                ));
+            }
+            for day in 1..=3 {
+                lines.push(format!(
+                    r#"{{"client_id":"c{i}","submission_timestamp":"2026-11-0{day}T12:00:00Z","experiments":{{"parked":"{branch}","healthy":"{branch}"}},"metrics":{{"active_hours":{i}.5}}}}"#
+                ));
+            }
+        }
+        lines.join("\n")
+    }
+
+    #[test]
+    fn a_permanently_failing_aggregate_table_parks_its_window_until_a_forced_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg_path = dir.path().join("c.toml");
+        std::fs::write(&cfg_path, CONFIG).unwrap();
+        let cfg = crate::config::load(&cfg_path).unwrap();
+        let store = crate::state::Store::open(&dir.path().join("state"), &cfg).unwrap();
+        let mut fold = Fold::new(cfg.clone(), store, &["file:e"]).unwrap();
+        for line in events().lines() {
+            let ev = crate::event::decode_json(line.as_bytes(), crate::event::Kind::Any, 1 << 20)
+                .unwrap();
+            assert!(fold.apply("file:e", 0, &ev).is_none(), "{line}");
+        }
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let refuse = Arc::new(AtomicBool::new(true));
+        let sink = Refusing {
+            calls: calls.clone(),
+            refuse: refuse.clone(),
+        };
+        let mut pipeline = Pipeline::new(fold, Box::new(sink));
+        let (parked, healthy) = (&cfg.experiments[0], &cfg.experiments[1]);
+        let all = window::windows(parked);
+        let attempts = |name: &str| calls.lock().unwrap().iter().filter(|c| *c == name).count();
+
+        // The first window completes: the parked experiment's fails, the other publishes.
+        let first = Some(all[0].complete_at(parked));
+        let report = pipeline.flush_and_publish(first, false).unwrap();
+        assert!(!report.failures.is_empty());
+        assert_eq!(attempts("parked_enrollments_day_1"), 1);
+        assert_eq!(attempts("statistics_healthy_day_1"), 1);
+
+        // Later passes: the other experiment publishes its later windows; the parked
+        // window is not rebuilt nor resent, and each later window of the parked
+        // experiment is tried once.
+        let end = Some(Timestamp(
+            all.iter().map(|w| w.complete_at(parked).0).max().unwrap(),
+        ));
+        for _ in 0..3 {
+            pipeline.flush_and_publish(end, false).unwrap();
+        }
+        for w in &all {
+            assert_eq!(attempts(&w.statistics_table(healthy)), 1, "{w:?}");
+            assert_eq!(
+                attempts(&w.aggregate_table(parked, crate::config::AnalysisBasis::Enrollments)),
+                1,
+                "{w:?} of the parked experiment was sent again without a forced pass"
+            );
+            assert_eq!(attempts(&w.statistics_table(parked)), 0, "{w:?}");
+        }
+        // The cause and the failing table are kept, in the record and in health.
+        let states = window_states(parked, pipeline.fold.published(Some(0)), end);
+        for s in &states {
+            assert_eq!(s.state, WindowPhase::Failed, "{s:?}");
+            assert!(s.permanent, "{s:?}");
+            let why = s.last_error.as_deref().unwrap();
+            assert!(
+                why.contains(&s.table.replace("statistics_parked", "parked_enrollments"))
+                    && why.contains("access denied"),
+                "{why}"
+            );
+        }
+        let healthy_states = window_states(healthy, pipeline.fold.published(Some(1)), end);
+        assert!(healthy_states
+            .iter()
+            .all(|s| s.state == WindowPhase::Published));
+
+        // A forced pass (`finalize`) retries the parked windows; once they go through,
+        // they are published.
+        refuse.store(false, Ordering::Relaxed);
+        pipeline.flush_and_publish(end, true).unwrap();
+        for w in &all {
+            assert_eq!(attempts(&w.statistics_table(parked)), 1, "{w:?}");
+            assert_eq!(attempts(&w.statistics_table(healthy)), 1, "{w:?}");
+        }
+        let states = window_states(parked, pipeline.fold.published(Some(0)), end);
+        assert!(states.iter().all(|s| s.state == WindowPhase::Published));
+    }
 }

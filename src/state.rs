@@ -279,6 +279,11 @@ pub mod keys {
     pub fn signature(slug: &str, table: &str) -> Vec<u8> {
         [b"G", slug.as_bytes(), b"\0", table.as_bytes()].concat()
     }
+    /// The shape (`materialize::window_shape`, `enrollments_shape`) a table was last
+    /// published with.
+    pub fn shape(slug: &str, table: &str) -> Vec<u8> {
+        [b"K", slug.as_bytes(), b"\0", table.as_bytes()].concat()
+    }
     /// A UTC day with activity sketches (value empty).
     pub fn activity_day(day: Day) -> Vec<u8> {
         [&b"A"[..], &day_bytes(day)].concat()
@@ -1130,6 +1135,18 @@ impl Store {
         sig: &crate::materialize::WindowSignature,
     ) -> Result<(), StateError> {
         self.db.insert(keys::signature(slug, table), encode(sig))?;
+        Ok(())
+    }
+
+    /// The shape a table was last published with (see `materialize::window_shape`), if
+    /// it was published since shapes were kept.
+    pub fn shape(&self, slug: &str, table: &str) -> Result<Option<u64>, StateError> {
+        let key = keys::shape(slug, table);
+        self.db.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    pub fn set_shape(&self, slug: &str, table: &str, shape: u64) -> Result<(), StateError> {
+        self.db.insert(keys::shape(slug, table), encode(&shape))?;
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! `finalize` and `backfill` through the real binary: a quiet stream's windows published by
 //! the calendar, late data below and above the re-publication threshold, statuses for
-//! success, no data and failure, and a backfill after adding a metric that equals a fresh
-//! run with the metric from the start.
+//! success, no data and failure, a backfill after adding a metric that equals a fresh
+//! run with the metric from the start, and a restart with a metric removed or added that
+//! republishes what was published.
 
 mod common;
 
@@ -322,6 +323,86 @@ fn backfill_after_adding_a_metric_equals_a_fresh_run_with_it() {
         p(&out),
     ]);
     assert!(!ok);
+}
+
+/// Publishing again after a metric is removed from the config, then added back: the same
+/// data directory and events, no new line, only the config changes. Each time the
+/// published windows are replaced and equal a fresh run with that config, file for file.
+#[test]
+fn a_config_that_removes_or_adds_a_metric_republishes_the_published_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = write(
+        dir.path(),
+        "with.toml",
+        &CONFIG.replacen("end_date = \"2026-11-10\"\n", "end_date = \"2026-11-10\"\nmetrics = [{ name = \"max_hours\", field = \"active_hours\", aggregation = \"max\" }]\n", 1),
+    );
+    let without = write(dir.path(), "without.toml", CONFIG);
+    let events = dir.path().join("events.ndjson");
+    slipstream(&[
+        "generate",
+        "--config",
+        p(&with),
+        "--clients",
+        "150",
+        "--seed",
+        "9",
+        "--out",
+        p(&events),
+    ]);
+    let replay = |cfg: &std::path::Path, state: &str, out: &std::path::Path| {
+        let out = slipstream(&[
+            "replay",
+            "--config",
+            p(cfg),
+            "--input",
+            p(&events),
+            "--data-dir",
+            p(&dir.path().join(state)),
+            "--out",
+            p(out),
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let same_as = |fresh: &std::path::Path| {
+        let (got, want) = (all_tables(&dir.path().join("out")), all_tables(fresh));
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>()
+        );
+        for (name, text) in &want {
+            assert!(got[name] == *text, "{name} differs from a fresh run");
+        }
+    };
+    let out = dir.path().join("out");
+    replay(&with, "state", &out);
+    let week = |metric: &str| {
+        let has_column = table(&out, "fin_test_enrollments_week_1")
+            .iter()
+            .any(|r| r.get(metric).is_some());
+        let has_rows = table(&out, "statistics_fin_test_weekly")
+            .iter()
+            .any(|r| r["metric"] == metric);
+        (has_column, has_rows)
+    };
+    assert_eq!(week("max_hours"), (true, true));
+
+    // The metric removed: no new event, yet every published window is replaced.
+    let stdout = replay(&without, "state", &out);
+    assert!(stdout.contains("replayed 0 lines"), "{stdout}");
+    assert_eq!(week("max_hours"), (false, false));
+    assert_eq!(week("active_hours"), (true, true));
+    replay(&without, "fresh-without", &dir.path().join("fresh-without"));
+    same_as(&dir.path().join("fresh-without"));
+
+    // Nothing changed: nothing is published again.
+    let stdout = replay(&without, "state", &out);
+    assert!(stdout.contains("published 0 tables"), "{stdout}");
+
+    // Added back: the windows get the metric again, as a fresh run computes it.
+    replay(&with, "state", &out);
+    assert_eq!(week("max_hours"), (true, true));
+    replay(&with, "fresh-with", &dir.path().join("fresh-with"));
+    same_as(&dir.path().join("fresh-with"));
 }
 
 /// `POST /v1/experiments/{slug}/finalize` on a running `run --listen`: the consume loop

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Starts the BigQuery emulator (bqemulator 1.4.0, in-memory) on loopback, waits until its REST
-# API answers, and prints its pid on the last line of stdout.
+# Starts the BigQuery emulator (bqemulator 1.4.0, in-memory unless BQEMULATOR_PERSISTENT=1) on
+# loopback, waits until its REST API answers, and prints its pid on the last line of stdout.
 #
 # Usage: start-bqemulator.sh REST_PORT GRPC_PORT PROJECT [DIR]
 #   DIR   where its log (bqemulator.log) and pid file (bqemulator.pid) go;
@@ -9,6 +9,8 @@
 # Environment:
 #   BQEMULATOR_START_TIMEOUT  seconds to wait for REST (default 60)
 #   WATCH_PID                 if set, a watchdog kills the emulator once this process has exited
+#   BQEMULATOR_PERSISTENT     1: keep tables in DIR/data (a DuckDB file) instead of memory, so a
+#                             restart on the same DIR (even after kill -9) finds what was committed
 #   SLIPSTREAM_CACHE          cache root used by install-bqemulator.sh
 #
 # Caveats (DESIGN.md section 11): memory grows ~100-160 MiB per 100k rows and is never freed,
@@ -44,10 +46,16 @@ mkdir -p "$dir" || die "cannot create $dir"
 dir="$(cd "$dir" && pwd)"
 log="$dir/bqemulator.log"
 
+storage=(--ephemeral)
+if [ "${BQEMULATOR_PERSISTENT:-0}" = 1 ]; then
+    mkdir -p "$dir/data" || die "cannot create $dir/data"
+    storage=(--persistent --data-dir "$dir/data")
+fi
+
 (cd "$dir" && exec setsid "$bqemulator" start \
     --rest-host 127.0.0.1 --rest-port "$rest_port" \
     --grpc-host 127.0.0.1 --grpc-port "$grpc_port" \
-    --project "$project" --ephemeral \
+    --project "$project" "${storage[@]}" \
     </dev/null >"$log" 2>&1) &
 pid=$!
 echo "$pid" >"$dir/bqemulator.pid"

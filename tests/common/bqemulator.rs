@@ -4,7 +4,9 @@
 //! Start it once per test binary with [`BqEmulator::shared`] and give every test its own
 //! dataset. Its memory grows with every row and is never freed (DESIGN.md section 11), so
 //! keep the tests small. Fault tests own their emulator ([`BqEmulator::start`]) and kill or
-//! restart it; dropping it kills it.
+//! restart it; dropping it kills it. An in-memory emulator forgets everything when killed;
+//! [`BqEmulator::start_persistent`] keeps what it committed across a restart, as BigQuery
+//! does across an outage.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -25,6 +27,8 @@ pub struct BqEmulator {
     pid: Option<u32>,
     /// Holds `bqemulator.log`: read it when a test fails.
     pub dir: PathBuf,
+    /// Tables kept in a DuckDB file under `dir`, across restarts.
+    persistent: bool,
 }
 
 /// `deploy/local/` of this crate; `SLIPSTREAM_DEPLOY_DIR` overrides it.
@@ -64,6 +68,16 @@ impl BqEmulator {
         panic!("could not start bqemulator: {last_error}");
     }
 
+    /// Starts an emulator that keeps its tables in a file: [`BqEmulator::restart`] (after
+    /// [`BqEmulator::kill`] too) finds every table it had committed.
+    pub fn start_persistent(project: &str) -> BqEmulator {
+        let mut emu = BqEmulator::not_started(project);
+        emu.persistent = true;
+        let _ = std::fs::remove_dir_all(&emu.dir); // a crashed earlier test's tables
+        emu.restart();
+        emu
+    }
+
     /// An emulator that is not running yet, on ports chosen now: for tests where the sink
     /// must exist before the service. Start it with [`BqEmulator::restart`].
     pub fn not_started(project: &str) -> BqEmulator {
@@ -81,6 +95,7 @@ impl BqEmulator {
             grpc_port,
             pid: None,
             dir: std::env::temp_dir().join(format!("slipstream-bqemulator-{rest_port}")),
+            persistent: false,
         }
     }
 
@@ -95,6 +110,10 @@ impl BqEmulator {
             ])
             // The emulator dies with this test binary even if Drop never runs (statics).
             .env("WATCH_PID", std::process::id().to_string())
+            .env(
+                "BQEMULATOR_PERSISTENT",
+                if self.persistent { "1" } else { "0" },
+            )
             .output()
             .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
         if !out.status.success() {
@@ -129,8 +148,8 @@ impl BqEmulator {
         format!("http://127.0.0.1:{}", self.grpc_port)
     }
 
-    /// Kills the emulator (SIGKILL, a crash) and waits until its ports are closed. Being
-    /// in-memory, it forgets every dataset.
+    /// Kills the emulator (SIGKILL, a crash) and waits until its ports are closed. Unless
+    /// persistent, it forgets every dataset.
     pub fn kill(&mut self) {
         if let Some(pid) = self.pid.take() {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
