@@ -374,14 +374,24 @@ fn request(
     };
     if group_by.len() > 2 {
         return Err(ApiError::bad(format!(
-            "group_by has {} dimensions; expected at most 2",
+            "`group_by` has {} dimensions; expected at most 2",
             group_by.len()
         )));
     }
-    for g in &group_by {
+    for (i, g) in group_by.iter().enumerate() {
         if !dims.iter().any(|d| d == g) {
             return Err(ApiError::bad(format!(
-                "group_by dimension `{g}` is unknown; expected one of {dims:?}"
+                "`group_by` dimension `{g}` is unknown; expected one of {dims:?}"
+            )));
+        }
+        if group_by[..i].contains(g) {
+            return Err(ApiError::bad(format!(
+                "`group_by` names `{g}` twice; expected distinct dimensions"
+            )));
+        }
+        if params.contains_key(g) {
+            return Err(ApiError::bad(format!(
+                "`{g}` is both a filter and in `group_by`; expected one or the other"
             )));
         }
     }
@@ -396,7 +406,7 @@ fn request(
             let max = api.sketch.max_range_days;
             // Each point of a series reads a window of its own: bound the whole span.
             if days + window_days - 1 > max {
-                return Err(ApiError::bad(format!("the range {s}..{e} with a {window_days}-day window spans {} days; the maximum is {max} (pipeline.max_query_days)", days + window_days - 1)));
+                return Err(ApiError::bad(format!("`start`..`end` ({s}..{e}) with a {window_days}-day window spans {} days; the maximum is {max} (pipeline.max_query_days)", days + window_days - 1)));
             }
             (
                 (0..days)
@@ -405,10 +415,16 @@ fn request(
                 true,
             )
         }
-        _ => {
-            return Err(ApiError::bad(
-                "expected either `date=YYYY-MM-DD` or both `start` and `end`",
-            ))
+        (date, start, end) => {
+            let what = match (date, start, end) {
+                (None, None, None) => "`date` is missing",
+                (None, Some(_), None) => "`end` is missing",
+                (None, None, Some(_)) => "`start` is missing",
+                _ => "`date` and `start`/`end` are both given",
+            };
+            return Err(ApiError::bad(format!(
+                "{what}; expected either `date=YYYY-MM-DD` or both `start` and `end`"
+            )));
         }
     };
     Ok(Request {
@@ -510,7 +526,7 @@ async fn counting(
 async fn engagement(State(api): State<Arc<Api>>, QueryParams(params): Params) -> ApiResult {
     if params.contains_key("group_by") {
         return Err(ApiError::bad(
-            "group_by is not supported for /v1/engagement",
+            "`group_by` is not supported for /v1/engagement",
         ));
     }
     let req = request(&api, &params, 28)?;
@@ -556,7 +572,7 @@ async fn engagement(State(api): State<Arc<Api>>, QueryParams(params): Params) ->
 /// The union sketch of a segment over a range, serialized (format in `sketch` module docs).
 async fn union_sketch(State(api): State<Arc<Api>>, QueryParams(params): Params) -> ApiResult {
     if params.contains_key("group_by") {
-        return Err(ApiError::bad("group_by is not supported for /v1/sketch"));
+        return Err(ApiError::bad("`group_by` is not supported for /v1/sketch"));
     }
     let req = request(&api, &params, 1)?;
     blocking(move || {

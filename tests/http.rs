@@ -250,30 +250,112 @@ fn bad_requests_get_a_400_that_names_the_parameter() {
     let dir = tempfile::tempdir().unwrap();
     let (cfg, state) = replay_into(dir.path(), CONFIG, "");
     let s = Server::start(&cfg, &state, None);
-    for (path, needle) in [
-        ("/v1/dau", "expected either"),
-        ("/v1/dau?date=2026-02-30", "`date`"),
-        ("/v1/dau?date=2026-11-01&planet=mars", "`planet`"),
+    // (path, exact status, the parameter the error names in backticks, why)
+    for (path, status, param, why) in [
+        ("/v1/dau", 400, "`date`", "expected either"),
+        ("/v1/dau?start=2026-11-01", 400, "`end`", "expected either"),
+        ("/v1/dau?date=2026-02-30", 400, "`date`", "expected a date"),
+        (
+            "/v1/dau?date=2026-11-01&planet=mars",
+            400,
+            "`planet`",
+            "unknown parameter",
+        ),
         (
             "/v1/dau?date=2026-11-01&group_by=os,channel,country",
+            400,
+            "`group_by`",
             "at most 2",
         ),
-        ("/v1/dau?date=2026-11-01&group_by=planet", "`planet`"),
-        ("/v1/mau?start=2026-01-01&end=2026-12-31", "maximum is 366"),
-        ("/v1/dau?start=2026-11-05&end=2026-11-01", "before"),
+        (
+            "/v1/dau?date=2026-11-01&group_by=planet",
+            400,
+            "`group_by`",
+            "`planet` is unknown",
+        ),
+        (
+            "/v1/dau?date=2026-11-01&group_by=os,os",
+            400,
+            "`group_by`",
+            "twice",
+        ),
+        (
+            "/v1/dau?date=2026-11-01&os=Linux&group_by=os",
+            400,
+            "`os`",
+            "both a filter and in `group_by`",
+        ),
+        (
+            "/v1/mau?start=2026-01-01&end=2026-12-31",
+            400,
+            "`start`",
+            "maximum is 366",
+        ),
+        (
+            "/v1/dau?start=2026-11-05&end=2026-11-01",
+            400,
+            "`end`",
+            "before",
+        ),
+        (
+            "/v1/engagement?date=2026-11-01&group_by=os",
+            400,
+            "`group_by`",
+            "not supported",
+        ),
+        (
+            "/v1/sketch?date=2026-11-01&group_by=os",
+            400,
+            "`group_by`",
+            "not supported",
+        ),
+        (
+            "/v1/experiments/http-test/dau?date=2026-11-01&os=Linux",
+            400,
+            "`os`",
+            "unknown parameter",
+        ),
+        (
+            "/v1/experiments/http-test/health?verbose=1",
+            400,
+            "`verbose`",
+            "takes none",
+        ),
+        (
+            "/v1/experiments/http-test/statistics",
+            400,
+            "`period`",
+            "missing",
+        ),
+        (
+            "/v1/experiments/http-test/statistics?period=hourly",
+            400,
+            "`period`",
+            "expected one of",
+        ),
+        // Only an unknown resource is a 404, and the body says which.
         (
             "/v1/experiments/no-such/dau?date=2026-11-01",
+            404,
+            "`no-such`",
             "not configured",
         ),
+        (
+            "/v1/experiments/no-such/health",
+            404,
+            "`no-such`",
+            "not configured",
+        ),
+        ("/nope", 404, "", "no such endpoint"),
     ] {
-        let (status, body) = s.get(path);
-        assert!(status == 400 || status == 404, "{path}: {status}");
+        let (got, body) = s.get(path);
+        let error = body["error"].as_str().unwrap_or("");
+        assert_eq!(got, status, "{path}: {body}");
         assert!(
-            body["error"].as_str().unwrap_or("").contains(needle),
-            "{path}: {body}"
+            error.contains(param) && error.contains(why),
+            "{path}: expected {param} and {why:?} in {body}"
         );
     }
     assert_eq!(s.get("/healthz").0, 200);
     assert_eq!(s.get("/readyz").0, 200);
-    assert_eq!(s.get("/nope").0, 404);
 }
