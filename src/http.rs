@@ -9,14 +9,17 @@
 //! cannot read a Secret).
 //! Requests are bounded: a query's date range is capped by `max_query_days`, parameters
 //! are validated before any sketch is read, and request bodies and times are limited.
+//! Every refusal, down to a malformed query string, path or method, is the JSON
+//! `{"error": ...}` of DESIGN.md section 9, naming the parameter where there is one.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query as QueryParams, Request as HttpRequest, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{FromRequestParts, Path, Request as HttpRequest, State};
+use axum::http::request::Parts;
+use axum::http::{header, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -194,8 +197,132 @@ impl From<SketchError> for ApiError {
     }
 }
 
-type Params = QueryParams<BTreeMap<String, String>>;
 type ApiResult = Result<Json<Value>, ApiError>;
+
+/// A request's query parameters, decoded strictly: `+` is a space, every `%` starts two
+/// hex digits, the result is UTF-8, and each name appears once. Anything else is a 400
+/// that names the parameter (axum's own `Query` would decode lossily and keep the last
+/// of repeated names).
+struct Params(BTreeMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parse_query(parts.uri.query().unwrap_or("")).map(Params)
+    }
+}
+
+fn parse_query(query: &str) -> Result<BTreeMap<String, String>, ApiError> {
+    let mut params = BTreeMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = percent_decode(raw_name)
+            .map_err(|why| ApiError::bad(format!("parameter name `{raw_name}` {why}")))?;
+        if name.is_empty() {
+            return Err(ApiError::bad(format!(
+                "`{pair}` has no parameter name; expected name=value"
+            )));
+        }
+        let value =
+            percent_decode(raw_value).map_err(|why| ApiError::bad(format!("`{name}` {why}")))?;
+        if params.contains_key(&name) {
+            return Err(ApiError::bad(format!(
+                "`{name}` is given more than once; expected it once"
+            )));
+        }
+        params.insert(name, value);
+    }
+    Ok(params)
+}
+
+/// Decodes one name or value of a query string; the error completes "`name` ...".
+fn percent_decode(raw: &str) -> Result<String, String> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+                let Some(hex) = hex else {
+                    return Err(format!(
+                        "has a malformed percent-escape `{}`; expected `%` and two hex digits",
+                        String::from_utf8_lossy(&bytes[i..bytes.len().min(i + 3)])
+                    ));
+                };
+                let digit = |c: u8| (c as char).to_digit(16).expect("hex digit") as u8;
+                out.push(digit(hex[0]) << 4 | digit(hex[1]));
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out)
+        .map_err(|_| "is not UTF-8 once percent-decoded; expected UTF-8 text".to_string())
+}
+
+/// The `{slug}` of an experiment's path; one that does not decode is a 400 naming it.
+struct Slug(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Slug {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(slug)) => Ok(Slug(slug)),
+            Err(e) => Err(ApiError(
+                e.status(),
+                format!(
+                    "`slug` in the path: {}; expected a configured experiment slug",
+                    e.body_text()
+                ),
+            )),
+        }
+    }
+}
+
+/// The request body limit (no endpoint reads a body).
+const BODY_LIMIT_BYTES: usize = 64 * 1024;
+/// Longest a request may take before it is answered 503.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Gives the errors that the router and the layers answer themselves (a body over the
+/// limit, a timeout) the API's JSON error body, keeping their status and headers.
+async fn json_errors(res: Response) -> Response {
+    let status = res.status();
+    let json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "the request body is over {BODY_LIMIT_BYTES} bytes; expected no body"
+        ),
+        StatusCode::SERVICE_UNAVAILABLE => format!(
+            "no answer within {} s; ask for less (a shorter `start`..`end`, fewer `group_by` dimensions) or retry later",
+            REQUEST_TIMEOUT.as_secs()
+        ),
+        s => s.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let (mut parts, _) = res.into_parts();
+    parts.headers.remove(header::CONTENT_TYPE);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let mut out = ApiError(status, message).into_response();
+    for (name, value) in parts.headers.drain() {
+        if let Some(name) = name {
+            out.headers_mut().entry(name).or_insert(value);
+        }
+    }
+    out
+}
 
 /// The routes, with request limits.
 pub fn router(api: Arc<Api>) -> Router {
@@ -227,12 +354,25 @@ pub fn router(api: Arc<Api>) -> Router {
                 "no such endpoint; see README.md (HTTP API)".into(),
             )
         })
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            // The router adds the `Allow` header to a 405.
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!(
+                    "{method} is not allowed on {}; expected a method from the Allow header",
+                    uri.path()
+                ),
+            )
+        })
         .layer(middleware::from_fn_with_state(api.clone(), authorize))
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(64 * 1024))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            BODY_LIMIT_BYTES,
+        ))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
-            Duration::from_secs(30),
+            REQUEST_TIMEOUT,
         ))
+        .layer(middleware::map_response(json_errors))
         .with_state(api)
 }
 
@@ -372,6 +512,11 @@ fn request(
             .collect(),
         None => Vec::new(),
     };
+    if group_by.is_empty() && params.contains_key("group_by") {
+        return Err(ApiError::bad(
+            "`group_by` is empty; expected one or two dimensions, comma-separated",
+        ));
+    }
     if group_by.len() > 2 {
         return Err(ApiError::bad(format!(
             "`group_by` has {} dimensions; expected at most 2",
@@ -489,11 +634,7 @@ fn count_one(
     Ok(out)
 }
 
-async fn counting(
-    State(api): State<Arc<Api>>,
-    QueryParams(params): Params,
-    days: u32,
-) -> ApiResult {
+async fn counting(State(api): State<Arc<Api>>, Params(params): Params, days: u32) -> ApiResult {
     let req = request(&api, &params, days)?;
     blocking(move || {
         let mut points = Vec::with_capacity(req.dates.len());
@@ -523,7 +664,7 @@ async fn counting(
 }
 
 /// DAU / MAU for one date (or a series), with the ratio's delta-method interval.
-async fn engagement(State(api): State<Arc<Api>>, QueryParams(params): Params) -> ApiResult {
+async fn engagement(State(api): State<Arc<Api>>, Params(params): Params) -> ApiResult {
     if params.contains_key("group_by") {
         return Err(ApiError::bad(
             "`group_by` is not supported for /v1/engagement",
@@ -570,7 +711,7 @@ async fn engagement(State(api): State<Arc<Api>>, QueryParams(params): Params) ->
 }
 
 /// The union sketch of a segment over a range, serialized (format in `sketch` module docs).
-async fn union_sketch(State(api): State<Arc<Api>>, QueryParams(params): Params) -> ApiResult {
+async fn union_sketch(State(api): State<Arc<Api>>, Params(params): Params) -> ApiResult {
     if params.contains_key("group_by") {
         return Err(ApiError::bad("`group_by` is not supported for /v1/sketch"));
     }
@@ -640,8 +781,8 @@ async fn experiments(State(api): State<Arc<Api>>) -> ApiResult {
 /// Clients active per branch (by the branch their telemetry reported) on a date or range.
 async fn experiment_dau(
     State(api): State<Arc<Api>>,
-    Path(slug): Path<String>,
-    QueryParams(params): Params,
+    Slug(slug): Slug,
+    Params(params): Params,
 ) -> ApiResult {
     let exp = api.experiment(&slug)?;
     if let Some(k) = params
@@ -688,8 +829,8 @@ async fn experiment_dau(
 /// Live health of one experiment (see [`health::health`]).
 async fn experiment_health(
     State(api): State<Arc<Api>>,
-    Path(slug): Path<String>,
-    QueryParams(params): Params,
+    Slug(slug): Slug,
+    Params(params): Params,
 ) -> ApiResult {
     api.experiment(&slug)?;
     if let Some(k) = params.keys().next() {
@@ -708,8 +849,8 @@ async fn experiment_health(
 /// Published statistics rows of one period, as the `statistics_<slug>_<period>` view.
 async fn experiment_statistics(
     State(api): State<Arc<Api>>,
-    Path(slug): Path<String>,
-    QueryParams(params): Params,
+    Slug(slug): Slug,
+    Params(params): Params,
 ) -> ApiResult {
     let exp = api.experiment(&slug)?;
     let periods: Vec<&str> = exp.periods.iter().map(|p| p.view_name()).collect();
@@ -769,7 +910,7 @@ async fn index_page(State(api): State<Arc<Api>>) -> Result<Html<String>, ApiErro
 /// DAU/MAU, windows.
 async fn experiment_page(
     State(api): State<Arc<Api>>,
-    Path(slug): Path<String>,
+    Slug(slug): Slug,
 ) -> Result<Html<String>, ApiError> {
     api.experiment(&slug)?;
     blocking(move || {
@@ -815,8 +956,8 @@ async fn experiment_page(
 /// goes to the consume loop, which owns the pipeline, so only one process opens the state.
 async fn trigger_finalize(
     State(api): State<Arc<Api>>,
-    Path(slug): Path<String>,
-    QueryParams(params): Params,
+    Slug(slug): Slug,
+    Params(params): Params,
 ) -> Response {
     match finalize_now(&api, slug, &params).await {
         Ok(body) => Json(body).into_response(),
@@ -882,4 +1023,49 @@ async fn finalize_now(
         ));
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(q: &str) -> Result<Vec<(String, String)>, String> {
+        parse_query(q)
+            .map(|m| m.into_iter().collect())
+            .map_err(|e| e.1)
+    }
+
+    #[test]
+    fn query_strings_decode_strictly() {
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(query(""), Ok(vec![]));
+        assert_eq!(
+            query("&os=Windows+XP&&channel=%72elease%2C&x"),
+            Ok(pairs(&[
+                ("channel", "release,"),
+                ("os", "Windows XP"),
+                ("x", "")
+            ]))
+        );
+        assert_eq!(query("os=%C3%A9"), Ok(pairs(&[("os", "é")])));
+        for (q, needle) in [
+            ("os=a&os=b", "`os` is given more than once"),
+            ("os=%ZZ", "`os` has a malformed percent-escape `%ZZ`"),
+            ("os=%+1", "`os` has a malformed percent-escape `%+1`"),
+            ("os=%4", "`os` has a malformed percent-escape `%4`"),
+            ("os=%", "`os` has a malformed percent-escape `%`"),
+            ("os=%é", "`os` has a malformed percent-escape `%é`"),
+            ("os=%FF", "`os` is not UTF-8"),
+            ("os=%C3", "`os` is not UTF-8"),
+            ("%FF=1", "parameter name `%FF` is not UTF-8"),
+            ("=1", "`=1` has no parameter name"),
+        ] {
+            let err = query(q).unwrap_err();
+            assert!(err.contains(needle), "{q}: {err}");
+        }
+    }
 }

@@ -333,6 +333,46 @@ fn bad_requests_get_a_400_that_names_the_parameter() {
             "`period`",
             "expected one of",
         ),
+        // Malformed query strings and paths: the same JSON errors, never a lossy guess.
+        (
+            "/v1/dau?date=2026-11-01&date=2026-11-02",
+            400,
+            "`date`",
+            "more than once",
+        ),
+        (
+            "/v1/dau?date=2026-11-01&os=%ZZ",
+            400,
+            "`os`",
+            "malformed percent-escape `%ZZ`",
+        ),
+        (
+            "/v1/dau?date=2026-11-01&os=Linux%E",
+            400,
+            "`os`",
+            "malformed percent-escape `%E`",
+        ),
+        ("/v1/dau?date=2026-11-01&os=%FF", 400, "`os`", "not UTF-8"),
+        ("/v1/dau?date=2026-11-01&%FF=1", 400, "`%FF`", "not UTF-8"),
+        (
+            "/v1/dau?date=2026-11-01&=1",
+            400,
+            "`=1`",
+            "no parameter name",
+        ),
+        (
+            "/v1/dau?date=2026-11-01&group_by=",
+            400,
+            "`group_by`",
+            "empty",
+        ),
+        ("/v1/dau?date=20261101", 400, "`date`", "expected a date"),
+        (
+            "/v1/experiments/%FF/dau?date=2026-11-01",
+            400,
+            "`slug`",
+            "UTF-8",
+        ),
         // Only an unknown resource is a 404, and the body says which.
         (
             "/v1/experiments/no-such/dau?date=2026-11-01",
@@ -356,6 +396,24 @@ fn bad_requests_get_a_400_that_names_the_parameter() {
             "{path}: expected {param} and {why:?} in {body}"
         );
     }
+    // Percent-encoding and `+` decode as in a form.
+    let ok = s.ok("/v1/dau?date=2026%2D11%2D01&os=Windows+XP");
+    assert_eq!(ok["filters"]["os"], "Windows XP");
+    // A method the path does not take: 405 with `Allow`, and the JSON error.
+    let r = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/dau?date=2026-11-01", s.base))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    assert_eq!(r.headers()["allow"], "GET,HEAD");
+    let body: Value = r.json().unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("POST is not allowed"),
+        "{body}"
+    );
     assert_eq!(s.get("/healthz").0, 200);
     assert_eq!(s.get("/readyz").0, 200);
 }

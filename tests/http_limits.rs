@@ -1,7 +1,7 @@
 //! HTTP request limits against the real server: a body over 64 KiB is refused with 413
-//! before any handler runs, and with a token set the finalize trigger (a POST) is refused
-//! without it. (Refusals of GETs without the token, and the bounded query range, are
-//! tested in `http_health.rs` and `http.rs`.)
+//! and the JSON error body before any handler runs, and with a token set the finalize
+//! trigger (a POST) is refused without it. (Refusals of GETs without the token, and the
+//! bounded query range, are tested in `http_health.rs` and `http.rs`.)
 
 mod common;
 
@@ -43,6 +43,11 @@ fn oversized_bodies_get_413_and_an_unauthenticated_post_gets_401() {
             .send()
             .unwrap();
         assert_eq!(r.status().as_u16(), 413, "{method} {path} with 100 KiB");
+        let body: serde_json::Value = r.json().expect("a JSON error body");
+        assert!(
+            body["error"].as_str().unwrap().contains("65536 bytes"),
+            "{body}"
+        );
     }
     // A small body passes the limit (serve holds no pipeline: 409 for finalize).
     let r = client
