@@ -7,8 +7,9 @@
 //! endpoint but the liveness probe `/healthz` wants `Authorization: Bearer`; a readiness
 //! probe sends it with `slipstream probe --ready` (an exec probe: a kubelet's HTTP probe
 //! cannot read a Secret).
-//! Requests are bounded: a query's date range is capped by `max_query_days`, parameters
-//! are validated before any sketch is read, and request bodies and times are limited.
+//! Requests are bounded: a query's date range is capped by `max_query_days` and its
+//! sketch reads by `max_query_sketches`, parameters are validated before any sketch is
+//! read, and request bodies and times are limited.
 //! Every refusal, down to a malformed query string, path or method, is the JSON
 //! `{"error": ...}` of DESIGN.md section 9, naming the parameter where there is one.
 
@@ -29,7 +30,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::{Config, Experiment};
 use crate::health::{self, EventTimes, Live};
-use crate::sketch::{self, CountAnswer, Query, SketchConfig, SketchError};
+use crate::sketch::{self, CountAnswer, Metered, Query, SketchConfig, SketchError, SketchSource};
 use crate::state::Store;
 
 /// What the handlers share.
@@ -103,6 +104,11 @@ impl Api {
                     format!("experiment `{slug}` is not configured"),
                 )
             })
+    }
+
+    /// The store, for one request's sketch queries: at most `max_query_sketches` reads.
+    fn metered(&self) -> Metered<'_> {
+        Metered::new(&self.store, self.sketch.max_query_sketches)
     }
 
     /// The stream's side of health: the clock and the persisted event times.
@@ -192,6 +198,9 @@ impl From<SketchError> for ApiError {
     fn from(e: SketchError) -> Self {
         match e {
             SketchError::BadQuery(m) => ApiError::bad(m),
+            SketchError::OverBudget { limit } => ApiError::bad(format!(
+                "the query reads more than {limit} sketches, the most one request may (pipeline.max_query_sketches); expected a shorter `start`..`end`, a shorter window or fewer `group_by` dimensions"
+            )),
             other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         }
     }
@@ -604,6 +613,7 @@ fn filters_json(filters: &[(String, String)]) -> Value {
 /// One date's answer (or groups) for a window of `days` ending at `date`.
 fn count_one(
     api: &Api,
+    src: &dyn SketchSource,
     date: NaiveDate,
     days: u32,
     req: &Request,
@@ -617,9 +627,9 @@ fn count_one(
         out.insert("start".into(), json!(q.start.to_string()));
     }
     if q.group_by.is_empty() {
-        out.extend(answer_json(&sketch::count(&api.sketch, &api.store, &q)?));
+        out.extend(answer_json(&sketch::count(&api.sketch, src, &q)?));
     } else {
-        let groups: Vec<Value> = sketch::group_by(&api.sketch, &api.store, &q)?
+        let groups: Vec<Value> = sketch::group_by(&api.sketch, src, &q)?
             .into_iter()
             .map(|g| {
                 let mut m = answer_json(&g.answer);
@@ -637,9 +647,10 @@ fn count_one(
 async fn counting(State(api): State<Arc<Api>>, Params(params): Params, days: u32) -> ApiResult {
     let req = request(&api, &params, days)?;
     blocking(move || {
+        let src = api.metered();
         let mut points = Vec::with_capacity(req.dates.len());
         for &d in &req.dates {
-            points.push(count_one(&api, d, days, &req)?);
+            points.push(count_one(&api, &src, d, days, &req)?);
         }
         let mut out = if req.series {
             let mut m = Map::new();
@@ -672,6 +683,7 @@ async fn engagement(State(api): State<Arc<Api>>, Params(params): Params) -> ApiR
     }
     let req = request(&api, &params, 28)?;
     blocking(move || {
+        let src = api.metered();
         let mut points = Vec::new();
         for &date in &req.dates {
             let q = |days| {
@@ -679,8 +691,8 @@ async fn engagement(State(api): State<Arc<Api>>, Params(params): Params) -> ApiR
                 q.filters = req.filters.clone();
                 q
             };
-            let dau = sketch::count(&api.sketch, &api.store, &q(1))?;
-            let mau = sketch::count(&api.sketch, &api.store, &q(28))?;
+            let dau = sketch::count(&api.sketch, &src, &q(1))?;
+            let mau = sketch::count(&api.sketch, &src, &q(28))?;
             let mut m = match dau.ratio(&mau) {
                 Some(r) => ratio_json(&r),
                 None => {
@@ -723,7 +735,7 @@ async fn union_sketch(State(api): State<Arc<Api>>, Params(params): Params) -> Ap
             filters: req.filters.clone(),
             group_by: Vec::new(),
         };
-        let mut s = sketch::union_sketch(&api.sketch, &api.store, &q)?;
+        let mut s = sketch::union_sketch(&api.sketch, &api.metered(), &q)?;
         let mut out = answer_json(&s.answer());
         out.insert("start".into(), json!(q.start.to_string()));
         out.insert("end".into(), json!(q.end.to_string()));
@@ -796,9 +808,10 @@ async fn experiment_dau(
     let req = request(&api, &params, 1)?;
     let branches: Vec<String> = exp.branches.iter().map(|b| b.name.clone()).collect();
     blocking(move || {
+        let src = api.metered();
         let mut points = Vec::new();
         for &date in &req.dates {
-            let found = sketch::experiment_branches(&api.sketch, &api.store, &slug, date, date)?;
+            let found = sketch::experiment_branches(&api.sketch, &src, &slug, date, date)?;
             let list: Vec<Value> = branches
                 .iter()
                 .map(|b| {
