@@ -9,7 +9,9 @@
 //! cannot read a Secret).
 //! Requests are bounded: a query's date range is capped by `max_query_days` and its
 //! sketch reads by `max_query_sketches`, parameters are validated before any sketch is
-//! read, and request bodies and times are limited.
+//! read, at most `max_concurrent_queries` requests run store work at once (others wait
+//! `query_wait_millis`, then get a 503 with `Retry-After`), and request bodies and times
+//! are limited.
 //! Every refusal, down to a malformed query string, path or method, is the JSON
 //! `{"error": ...}` of DESIGN.md section 9, naming the parameter where there is one.
 
@@ -49,6 +51,17 @@ pub struct Api {
     pub finalize: std::sync::OnceLock<tokio::sync::mpsc::Sender<FinalizeRequest>>,
     /// When each experiment was last finalized over HTTP (rate limit).
     finalize_calls: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Slots for blocking work (`max_concurrent_queries`): each task holds one until its
+    /// work ends, even after its request timed out, so abandoned work cannot pile up.
+    queries: Arc<tokio::sync::Semaphore>,
+    /// How long a request waits for a slot before it is answered 503 (`query_wait_millis`).
+    query_wait: Duration,
+    /// The API's own counters, appended to `/metrics`.
+    registry: prometheus::Registry,
+    /// Requests answered 503 because every slot stayed taken.
+    busy_refusals: prometheus::IntCounter,
+    /// Slots taken when `/metrics` is scraped (the scrape's own included).
+    queries_running: prometheus::IntGauge,
 }
 
 /// A request to the process holding the state to run `finalize` for one experiment.
@@ -80,8 +93,32 @@ impl Api {
         pipeline: Option<Arc<health::PipelineMetrics>>,
     ) -> Result<Api, String> {
         let sketch = cfg.pipeline.sketch_config();
+        let registry = prometheus::Registry::new();
+        let busy_refusals = prometheus::IntCounter::new(
+            "slipstream_http_busy_refusals_total",
+            "Requests answered 503 because max_concurrent_queries query tasks were running.",
+        )
+        .expect("valid metric");
+        let queries_running = prometheus::IntGauge::new(
+            "slipstream_http_queries_running",
+            "Query tasks running on the blocking pool (this scrape's included).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(busy_refusals.clone()))
+            .expect("unique names");
+        registry
+            .register(Box::new(queries_running.clone()))
+            .expect("unique names");
         Ok(Api {
             token: bearer_token(&cfg.pipeline)?,
+            queries: Arc::new(tokio::sync::Semaphore::new(
+                cfg.pipeline.max_concurrent_queries,
+            )),
+            query_wait: Duration::from_millis(cfg.pipeline.query_wait_millis),
+            registry,
+            busy_refusals,
+            queries_running,
             store,
             cfg,
             sketch,
@@ -170,6 +207,7 @@ pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
 }
 
 /// An error answered as `{"error": "..."}` with a status.
+#[derive(Debug)]
 pub struct ApiError(StatusCode, String);
 
 impl ApiError {
@@ -190,7 +228,12 @@ impl From<health::HealthError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let mut r = (self.0, Json(json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        r
     }
 }
 
@@ -441,14 +484,20 @@ async fn authorize(State(api): State<Arc<Api>>, req: HttpRequest, next: Next) ->
 
 /// Prometheus text exposition (see [`health::render_metrics`]).
 async fn metrics(State(api): State<Arc<Api>>) -> Result<Response, ApiError> {
-    blocking(move || {
-        let text = health::render_metrics(
+    blocking(api.clone(), move || {
+        let mut text = health::render_metrics(
             &api.store,
             &api.cfg,
             &api.live()?,
             api.ready.load(Ordering::Relaxed),
             api.pipeline.as_deref(),
         )?;
+        let slots = api.cfg.pipeline.max_concurrent_queries;
+        let free = api.queries.available_permits();
+        api.queries_running.set(slots.saturating_sub(free) as i64);
+        prometheus::TextEncoder::new()
+            .encode_utf8(&api.registry.gather(), &mut text)
+            .map_err(internal)?;
         Ok(([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response())
     })
     .await
@@ -466,11 +515,30 @@ async fn readyz(State(api): State<Arc<Api>>) -> Response {
     }
 }
 
-/// Runs blocking store work off the async workers.
+/// Runs blocking store work off the async workers, in one of `max_concurrent_queries`
+/// slots; when none frees up within `query_wait_millis`, a 503 with `Retry-After`.
 async fn blocking<T: Send + 'static>(
+    api: Arc<Api>,
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
+    let slot = tokio::time::timeout(api.query_wait, api.queries.clone().acquire_owned()).await;
+    let Ok(Ok(slot)) = slot else {
+        api.busy_refusals.inc();
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "busy: {} queries are running, the most at once (pipeline.max_concurrent_queries); retry after Retry-After seconds",
+                api.cfg.pipeline.max_concurrent_queries
+            ),
+        ));
+    };
+    tokio::task::spawn_blocking(move || {
+        // Dropped when the work ends, not when the request does (a timeout).
+        let _slot = slot;
+        f()
+    })
+    .await
+    .map_err(|e| {
         ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("query task failed: {e}"),
@@ -646,7 +714,7 @@ fn count_one(
 
 async fn counting(State(api): State<Arc<Api>>, Params(params): Params, days: u32) -> ApiResult {
     let req = request(&api, &params, days)?;
-    blocking(move || {
+    blocking(api.clone(), move || {
         let src = api.metered();
         let mut points = Vec::with_capacity(req.dates.len());
         for &d in &req.dates {
@@ -682,7 +750,7 @@ async fn engagement(State(api): State<Arc<Api>>, Params(params): Params) -> ApiR
         ));
     }
     let req = request(&api, &params, 28)?;
-    blocking(move || {
+    blocking(api.clone(), move || {
         let src = api.metered();
         let mut points = Vec::new();
         for &date in &req.dates {
@@ -728,7 +796,7 @@ async fn union_sketch(State(api): State<Arc<Api>>, Params(params): Params) -> Ap
         return Err(ApiError::bad("`group_by` is not supported for /v1/sketch"));
     }
     let req = request(&api, &params, 1)?;
-    blocking(move || {
+    blocking(api.clone(), move || {
         let q = Query {
             start: req.dates[0],
             end: req.dates[req.dates.len() - 1],
@@ -750,7 +818,7 @@ async fn union_sketch(State(api): State<Arc<Api>>, Params(params): Params) -> Ap
 }
 
 async fn experiments(State(api): State<Arc<Api>>) -> ApiResult {
-    let summaries = blocking({
+    let summaries = blocking(api.clone(), {
         let api = api.clone();
         move || {
             let live = api.live()?;
@@ -807,7 +875,7 @@ async fn experiment_dau(
     }
     let req = request(&api, &params, 1)?;
     let branches: Vec<String> = exp.branches.iter().map(|b| b.name.clone()).collect();
-    blocking(move || {
+    blocking(api.clone(), move || {
         let src = api.metered();
         let mut points = Vec::new();
         for &date in &req.dates {
@@ -851,7 +919,7 @@ async fn experiment_health(
             "unknown parameter `{k}`; /health takes none"
         )));
     }
-    blocking(move || {
+    blocking(api.clone(), move || {
         let exp = api.experiment(&slug)?;
         let h = health::health(&api.store, &api.sketch, exp, &api.live()?)?;
         Ok(Json(serde_json::to_value(h).map_err(internal)?))
@@ -892,7 +960,7 @@ async fn experiment_statistics(
         }
         filters.push((k.clone(), v.clone()));
     }
-    blocking(move || {
+    blocking(api.clone(), move || {
         let exp = api.experiment(&slug)?;
         let rows = health::statistics_rows(&api.store, exp, period, &filters).map_err(internal)?;
         Ok(Json(json!({
@@ -907,7 +975,7 @@ async fn experiment_statistics(
 
 /// The results page's index: every experiment with its health summary.
 async fn index_page(State(api): State<Arc<Api>>) -> Result<Html<String>, ApiError> {
-    blocking(move || {
+    blocking(api.clone(), move || {
         let live = api.live()?;
         let mut list = Vec::new();
         for e in &api.cfg.experiments {
@@ -926,7 +994,7 @@ async fn experiment_page(
     Slug(slug): Slug,
 ) -> Result<Html<String>, ApiError> {
     api.experiment(&slug)?;
-    blocking(move || {
+    blocking(api.clone(), move || {
         let exp = api.experiment(&slug)?;
         let live = api.live()?;
         let h = health::health(&api.store, &api.sketch, exp, &live)?;
@@ -1041,6 +1109,90 @@ async fn finalize_now(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PipelineConfig;
+
+    /// An API over an empty store with one query slot and a short wait.
+    fn one_slot_api(dir: &std::path::Path) -> Arc<Api> {
+        let cfg = Config {
+            pipeline: PipelineConfig {
+                max_concurrent_queries: 1,
+                query_wait_millis: 50,
+                ..PipelineConfig::default()
+            },
+            experiments: Vec::new(),
+        };
+        let store = Store::open(dir, &cfg).unwrap();
+        Api::new(store, Arc::new(cfg)).unwrap()
+    }
+
+    async fn text(r: Response) -> String {
+        let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abandoned_work_keeps_its_slot_and_a_full_pool_answers_503() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = one_slot_api(dir.path());
+        // A request gives up on its work (as the 30 s timeout does): the work goes on
+        // and keeps the only slot until it ends.
+        let (finish, finished) = std::sync::mpsc::channel::<()>();
+        let abandoned = tokio::time::timeout(
+            Duration::from_millis(100),
+            blocking(api.clone(), move || {
+                finished.recv().ok();
+                Ok(())
+            }),
+        )
+        .await;
+        assert!(abandoned.is_err(), "the work should still be running");
+        assert_eq!(api.queries.available_permits(), 0);
+        let r = counting(
+            State(api.clone()),
+            Params(parse_query("date=2026-11-01").unwrap()),
+            1,
+        )
+        .await
+        .unwrap_err()
+        .into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let body: Value = serde_json::from_str(&text(r).await).unwrap();
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains("max_concurrent_queries"), "{error}");
+        // Once the work ends its slot is free: queries and /metrics answer again.
+        finish.send(()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while api.queries.available_permits() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the slot was never freed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let Json(answer) = counting(
+            State(api.clone()),
+            Params(parse_query("date=2026-11-01").unwrap()),
+            1,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.1));
+        assert_eq!(answer["estimate"], 0.0);
+        let scrape = text(
+            metrics(State(api.clone()))
+                .await
+                .unwrap_or_else(|e| panic!("{}", e.1)),
+        )
+        .await;
+        assert!(
+            scrape.contains("slipstream_http_busy_refusals_total 1\n"),
+            "{scrape}"
+        );
+        assert!(
+            scrape.contains("slipstream_http_queries_running 1\n"),
+            "{scrape}"
+        );
+    }
 
     fn query(q: &str) -> Result<Vec<(String, String)>, String> {
         parse_query(q)
