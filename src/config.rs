@@ -83,6 +83,13 @@ pub struct PipelineConfig {
     pub sketch_precision: u8,
     /// Longest date range one HTTP query may span.
     pub max_query_days: u32,
+    /// Most sketch reads one HTTP request may make (a 400 beyond): bounds its work
+    /// whatever the mix of series length, window, filters and `group_by`.
+    pub max_query_sketches: u64,
+    /// HTTP queries whose blocking work may run at once; more wait for a slot.
+    pub max_concurrent_queries: usize,
+    /// How long a query waits for a slot before it is answered 503.
+    pub query_wait_millis: u64,
     /// `POST /v1/experiments/{slug}/finalize` runs at most once per experiment this often.
     pub finalize_min_interval_secs: u64,
     /// Where the capped mean's cap comes from: re-estimated per bootstrap replicate
@@ -116,6 +123,7 @@ impl PipelineConfig {
             dimensions: crate::sketch::Dimensions::new(self.dimensions.iter()).expect("validated"),
             precision: crate::sketch::Precision::new(self.sketch_precision).expect("validated"),
             max_range_days: self.max_query_days,
+            max_query_sketches: self.max_query_sketches,
         }
     }
 }
@@ -139,6 +147,9 @@ impl Default for PipelineConfig {
             mean_cap: crate::stats::CapMode::PerReplicate,
             sketch_precision: 12,
             max_query_days: 366,
+            max_query_sketches: 500_000,
+            max_concurrent_queries: 8,
+            query_wait_millis: 500,
             finalize_min_interval_secs: 60,
             kafka: KafkaConfig::default(),
             bigquery: None,
@@ -691,6 +702,36 @@ fn validate_pipeline(file: &Path, p: &PipelineConfig, problems: &mut Vec<ConfigP
             format!("{}; expected 1..=3660", p.max_query_days),
         ));
     }
+    if !(100..=1_000_000_000).contains(&p.max_query_sketches) {
+        problems.push(problem(
+            file,
+            "pipeline.max_query_sketches",
+            format!(
+                "{}; expected 100..=1000000000 (500000 is the default)",
+                p.max_query_sketches
+            ),
+        ));
+    }
+    if !(1..=1024).contains(&p.max_concurrent_queries) {
+        problems.push(problem(
+            file,
+            "pipeline.max_concurrent_queries",
+            format!(
+                "{}; expected 1..=1024 (8 is the default)",
+                p.max_concurrent_queries
+            ),
+        ));
+    }
+    if p.query_wait_millis > 30_000 {
+        problems.push(problem(
+            file,
+            "pipeline.query_wait_millis",
+            format!(
+                "{}; expected 0..=30000 (a wait past the 30 s request timeout is never used)",
+                p.query_wait_millis
+            ),
+        ));
+    }
     if !(1000..=300_000).contains(&p.kafka.session_timeout_ms) {
         problems.push(problem(
             file,
@@ -1216,6 +1257,50 @@ metrics = [{ name = "tabs", field = "tab_count", aggregation = "max" }]
         }
         let cfg = load(&write(dir.path(), "dl.toml", GOOD)).unwrap();
         assert_eq!(cfg.pipeline.kafka.dead_letter_topic, None);
+    }
+
+    #[test]
+    fn http_query_limits_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |line: &str| {
+            let text = format!("[pipeline]\n{line}\n{GOOD}");
+            load(&write(dir.path(), "q.toml", &text))
+        };
+        let cfg = with("max_query_sketches = 1000").unwrap();
+        assert_eq!(cfg.pipeline.sketch_config().max_query_sketches, 1000);
+        for (line, field, needle) in [
+            (
+                "max_query_sketches = 10",
+                "max_query_sketches",
+                "100..=1000000000",
+            ),
+            (
+                "max_concurrent_queries = 0",
+                "max_concurrent_queries",
+                "1..=1024",
+            ),
+            (
+                "query_wait_millis = 60000",
+                "query_wait_millis",
+                "0..=30000",
+            ),
+        ] {
+            let err = with(line).unwrap_err();
+            assert!(
+                err.0
+                    .iter()
+                    .any(|p| p.field == format!("pipeline.{field}") && p.message.contains(needle)),
+                "{line}: {err}"
+            );
+        }
+        let cfg = with("max_concurrent_queries = 2\nquery_wait_millis = 0").unwrap();
+        assert_eq!(
+            (
+                cfg.pipeline.max_concurrent_queries,
+                cfg.pipeline.query_wait_millis
+            ),
+            (2, 0)
+        );
     }
 
     #[test]

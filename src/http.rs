@@ -7,16 +7,22 @@
 //! endpoint but the liveness probe `/healthz` wants `Authorization: Bearer`; a readiness
 //! probe sends it with `slipstream probe --ready` (an exec probe: a kubelet's HTTP probe
 //! cannot read a Secret).
-//! Requests are bounded: a query's date range is capped by `max_query_days`, parameters
-//! are validated before any sketch is read, and request bodies and times are limited.
+//! Requests are bounded: a query's date range is capped by `max_query_days` and its
+//! sketch reads by `max_query_sketches`, parameters are validated before any sketch is
+//! read, at most `max_concurrent_queries` requests run store work at once (others wait
+//! `query_wait_millis`, then get a 503 with `Retry-After`), and request bodies and times
+//! are limited.
+//! Every refusal, down to a malformed query string, path or method, is the JSON
+//! `{"error": ...}` of DESIGN.md section 9, naming the parameter where there is one.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query as QueryParams, Request as HttpRequest, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{FromRequestParts, Path, Request as HttpRequest, State};
+use axum::http::request::Parts;
+use axum::http::{header, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -26,7 +32,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::{Config, Experiment};
 use crate::health::{self, EventTimes, Live};
-use crate::sketch::{self, CountAnswer, Query, SketchConfig, SketchError};
+use crate::sketch::{self, CountAnswer, Metered, Query, SketchConfig, SketchError, SketchSource};
 use crate::state::Store;
 
 /// What the handlers share.
@@ -45,6 +51,17 @@ pub struct Api {
     pub finalize: std::sync::OnceLock<tokio::sync::mpsc::Sender<FinalizeRequest>>,
     /// When each experiment was last finalized over HTTP (rate limit).
     finalize_calls: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Slots for blocking work (`max_concurrent_queries`): each task holds one until its
+    /// work ends, even after its request timed out, so abandoned work cannot pile up.
+    queries: Arc<tokio::sync::Semaphore>,
+    /// How long a request waits for a slot before it is answered 503 (`query_wait_millis`).
+    query_wait: Duration,
+    /// The API's own counters, appended to `/metrics`.
+    registry: prometheus::Registry,
+    /// Requests answered 503 because every slot stayed taken.
+    busy_refusals: prometheus::IntCounter,
+    /// Slots taken when `/metrics` is scraped (the scrape's own included).
+    queries_running: prometheus::IntGauge,
 }
 
 /// A request to the process holding the state to run `finalize` for one experiment.
@@ -76,8 +93,32 @@ impl Api {
         pipeline: Option<Arc<health::PipelineMetrics>>,
     ) -> Result<Api, String> {
         let sketch = cfg.pipeline.sketch_config();
+        let registry = prometheus::Registry::new();
+        let busy_refusals = prometheus::IntCounter::new(
+            "slipstream_http_busy_refusals_total",
+            "Requests answered 503 because max_concurrent_queries query tasks were running.",
+        )
+        .expect("valid metric");
+        let queries_running = prometheus::IntGauge::new(
+            "slipstream_http_queries_running",
+            "Query tasks running on the blocking pool (this scrape's included).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(busy_refusals.clone()))
+            .expect("unique names");
+        registry
+            .register(Box::new(queries_running.clone()))
+            .expect("unique names");
         Ok(Api {
             token: bearer_token(&cfg.pipeline)?,
+            queries: Arc::new(tokio::sync::Semaphore::new(
+                cfg.pipeline.max_concurrent_queries,
+            )),
+            query_wait: Duration::from_millis(cfg.pipeline.query_wait_millis),
+            registry,
+            busy_refusals,
+            queries_running,
             store,
             cfg,
             sketch,
@@ -100,6 +141,11 @@ impl Api {
                     format!("experiment `{slug}` is not configured"),
                 )
             })
+    }
+
+    /// The store, for one request's sketch queries: at most `max_query_sketches` reads.
+    fn metered(&self) -> Metered<'_> {
+        Metered::new(&self.store, self.sketch.max_query_sketches)
     }
 
     /// The stream's side of health: the clock and the persisted event times.
@@ -161,6 +207,7 @@ pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
 }
 
 /// An error answered as `{"error": "..."}` with a status.
+#[derive(Debug)]
 pub struct ApiError(StatusCode, String);
 
 impl ApiError {
@@ -181,7 +228,12 @@ impl From<health::HealthError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let mut r = (self.0, Json(json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        r
     }
 }
 
@@ -189,13 +241,140 @@ impl From<SketchError> for ApiError {
     fn from(e: SketchError) -> Self {
         match e {
             SketchError::BadQuery(m) => ApiError::bad(m),
+            SketchError::OverBudget { limit } => ApiError::bad(format!(
+                "the query reads more than {limit} sketches, the most one request may (pipeline.max_query_sketches); expected a shorter `start`..`end`, a shorter window or fewer `group_by` dimensions"
+            )),
             other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         }
     }
 }
 
-type Params = QueryParams<BTreeMap<String, String>>;
 type ApiResult = Result<Json<Value>, ApiError>;
+
+/// A request's query parameters, decoded strictly: `+` is a space, every `%` starts two
+/// hex digits, the result is UTF-8, and each name appears once. Anything else is a 400
+/// that names the parameter (axum's own `Query` would decode lossily and keep the last
+/// of repeated names).
+struct Params(BTreeMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parse_query(parts.uri.query().unwrap_or("")).map(Params)
+    }
+}
+
+fn parse_query(query: &str) -> Result<BTreeMap<String, String>, ApiError> {
+    let mut params = BTreeMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = percent_decode(raw_name)
+            .map_err(|why| ApiError::bad(format!("parameter name `{raw_name}` {why}")))?;
+        if name.is_empty() {
+            return Err(ApiError::bad(format!(
+                "`{pair}` has no parameter name; expected name=value"
+            )));
+        }
+        let value =
+            percent_decode(raw_value).map_err(|why| ApiError::bad(format!("`{name}` {why}")))?;
+        if params.contains_key(&name) {
+            return Err(ApiError::bad(format!(
+                "`{name}` is given more than once; expected it once"
+            )));
+        }
+        params.insert(name, value);
+    }
+    Ok(params)
+}
+
+/// Decodes one name or value of a query string; the error completes "`name` ...".
+fn percent_decode(raw: &str) -> Result<String, String> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+                let Some(hex) = hex else {
+                    return Err(format!(
+                        "has a malformed percent-escape `{}`; expected `%` and two hex digits",
+                        String::from_utf8_lossy(&bytes[i..bytes.len().min(i + 3)])
+                    ));
+                };
+                let digit = |c: u8| (c as char).to_digit(16).expect("hex digit") as u8;
+                out.push(digit(hex[0]) << 4 | digit(hex[1]));
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out)
+        .map_err(|_| "is not UTF-8 once percent-decoded; expected UTF-8 text".to_string())
+}
+
+/// The `{slug}` of an experiment's path; one that does not decode is a 400 naming it.
+struct Slug(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Slug {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(slug)) => Ok(Slug(slug)),
+            Err(e) => Err(ApiError(
+                e.status(),
+                format!(
+                    "`slug` in the path: {}; expected a configured experiment slug",
+                    e.body_text()
+                ),
+            )),
+        }
+    }
+}
+
+/// The request body limit (no endpoint reads a body).
+const BODY_LIMIT_BYTES: usize = 64 * 1024;
+/// Longest a request may take before it is answered 503.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Gives the errors that the router and the layers answer themselves (a body over the
+/// limit, a timeout) the API's JSON error body, keeping their status and headers.
+async fn json_errors(res: Response) -> Response {
+    let status = res.status();
+    let json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "the request body is over {BODY_LIMIT_BYTES} bytes; expected no body"
+        ),
+        StatusCode::SERVICE_UNAVAILABLE => format!(
+            "no answer within {} s; ask for less (a shorter `start`..`end`, fewer `group_by` dimensions) or retry later",
+            REQUEST_TIMEOUT.as_secs()
+        ),
+        s => s.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let (mut parts, _) = res.into_parts();
+    parts.headers.remove(header::CONTENT_TYPE);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let mut out = ApiError(status, message).into_response();
+    for (name, value) in parts.headers.drain() {
+        if let Some(name) = name {
+            out.headers_mut().entry(name).or_insert(value);
+        }
+    }
+    out
+}
 
 /// The routes, with request limits.
 pub fn router(api: Arc<Api>) -> Router {
@@ -227,12 +406,25 @@ pub fn router(api: Arc<Api>) -> Router {
                 "no such endpoint; see README.md (HTTP API)".into(),
             )
         })
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            // The router adds the `Allow` header to a 405.
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!(
+                    "{method} is not allowed on {}; expected a method from the Allow header",
+                    uri.path()
+                ),
+            )
+        })
         .layer(middleware::from_fn_with_state(api.clone(), authorize))
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(64 * 1024))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            BODY_LIMIT_BYTES,
+        ))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
-            Duration::from_secs(30),
+            REQUEST_TIMEOUT,
         ))
+        .layer(middleware::map_response(json_errors))
         .with_state(api)
 }
 
@@ -292,14 +484,20 @@ async fn authorize(State(api): State<Arc<Api>>, req: HttpRequest, next: Next) ->
 
 /// Prometheus text exposition (see [`health::render_metrics`]).
 async fn metrics(State(api): State<Arc<Api>>) -> Result<Response, ApiError> {
-    blocking(move || {
-        let text = health::render_metrics(
+    blocking(api.clone(), move || {
+        let mut text = health::render_metrics(
             &api.store,
             &api.cfg,
             &api.live()?,
             api.ready.load(Ordering::Relaxed),
             api.pipeline.as_deref(),
         )?;
+        let slots = api.cfg.pipeline.max_concurrent_queries;
+        let free = api.queries.available_permits();
+        api.queries_running.set(slots.saturating_sub(free) as i64);
+        prometheus::TextEncoder::new()
+            .encode_utf8(&api.registry.gather(), &mut text)
+            .map_err(internal)?;
         Ok(([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response())
     })
     .await
@@ -317,11 +515,30 @@ async fn readyz(State(api): State<Arc<Api>>) -> Response {
     }
 }
 
-/// Runs blocking store work off the async workers.
+/// Runs blocking store work off the async workers, in one of `max_concurrent_queries`
+/// slots; when none frees up within `query_wait_millis`, a 503 with `Retry-After`.
 async fn blocking<T: Send + 'static>(
+    api: Arc<Api>,
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
+    let slot = tokio::time::timeout(api.query_wait, api.queries.clone().acquire_owned()).await;
+    let Ok(Ok(slot)) = slot else {
+        api.busy_refusals.inc();
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "busy: {} queries are running, the most at once (pipeline.max_concurrent_queries); retry after Retry-After seconds",
+                api.cfg.pipeline.max_concurrent_queries
+            ),
+        ));
+    };
+    tokio::task::spawn_blocking(move || {
+        // Dropped when the work ends, not when the request does (a timeout).
+        let _slot = slot;
+        f()
+    })
+    .await
+    .map_err(|e| {
         ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("query task failed: {e}"),
@@ -372,16 +589,31 @@ fn request(
             .collect(),
         None => Vec::new(),
     };
+    if group_by.is_empty() && params.contains_key("group_by") {
+        return Err(ApiError::bad(
+            "`group_by` is empty; expected one or two dimensions, comma-separated",
+        ));
+    }
     if group_by.len() > 2 {
         return Err(ApiError::bad(format!(
-            "group_by has {} dimensions; expected at most 2",
+            "`group_by` has {} dimensions; expected at most 2",
             group_by.len()
         )));
     }
-    for g in &group_by {
+    for (i, g) in group_by.iter().enumerate() {
         if !dims.iter().any(|d| d == g) {
             return Err(ApiError::bad(format!(
-                "group_by dimension `{g}` is unknown; expected one of {dims:?}"
+                "`group_by` dimension `{g}` is unknown; expected one of {dims:?}"
+            )));
+        }
+        if group_by[..i].contains(g) {
+            return Err(ApiError::bad(format!(
+                "`group_by` names `{g}` twice; expected distinct dimensions"
+            )));
+        }
+        if params.contains_key(g) {
+            return Err(ApiError::bad(format!(
+                "`{g}` is both a filter and in `group_by`; expected one or the other"
             )));
         }
     }
@@ -396,7 +628,7 @@ fn request(
             let max = api.sketch.max_range_days;
             // Each point of a series reads a window of its own: bound the whole span.
             if days + window_days - 1 > max {
-                return Err(ApiError::bad(format!("the range {s}..{e} with a {window_days}-day window spans {} days; the maximum is {max} (pipeline.max_query_days)", days + window_days - 1)));
+                return Err(ApiError::bad(format!("`start`..`end` ({s}..{e}) with a {window_days}-day window spans {} days; the maximum is {max} (pipeline.max_query_days)", days + window_days - 1)));
             }
             (
                 (0..days)
@@ -405,10 +637,16 @@ fn request(
                 true,
             )
         }
-        _ => {
-            return Err(ApiError::bad(
-                "expected either `date=YYYY-MM-DD` or both `start` and `end`",
-            ))
+        (date, start, end) => {
+            let what = match (date, start, end) {
+                (None, None, None) => "`date` is missing",
+                (None, Some(_), None) => "`end` is missing",
+                (None, None, Some(_)) => "`start` is missing",
+                _ => "`date` and `start`/`end` are both given",
+            };
+            return Err(ApiError::bad(format!(
+                "{what}; expected either `date=YYYY-MM-DD` or both `start` and `end`"
+            )));
         }
     };
     Ok(Request {
@@ -443,6 +681,7 @@ fn filters_json(filters: &[(String, String)]) -> Value {
 /// One date's answer (or groups) for a window of `days` ending at `date`.
 fn count_one(
     api: &Api,
+    src: &dyn SketchSource,
     date: NaiveDate,
     days: u32,
     req: &Request,
@@ -456,9 +695,9 @@ fn count_one(
         out.insert("start".into(), json!(q.start.to_string()));
     }
     if q.group_by.is_empty() {
-        out.extend(answer_json(&sketch::count(&api.sketch, &api.store, &q)?));
+        out.extend(answer_json(&sketch::count(&api.sketch, src, &q)?));
     } else {
-        let groups: Vec<Value> = sketch::group_by(&api.sketch, &api.store, &q)?
+        let groups: Vec<Value> = sketch::group_by(&api.sketch, src, &q)?
             .into_iter()
             .map(|g| {
                 let mut m = answer_json(&g.answer);
@@ -473,16 +712,13 @@ fn count_one(
     Ok(out)
 }
 
-async fn counting(
-    State(api): State<Arc<Api>>,
-    QueryParams(params): Params,
-    days: u32,
-) -> ApiResult {
+async fn counting(State(api): State<Arc<Api>>, Params(params): Params, days: u32) -> ApiResult {
     let req = request(&api, &params, days)?;
-    blocking(move || {
+    blocking(api.clone(), move || {
+        let src = api.metered();
         let mut points = Vec::with_capacity(req.dates.len());
         for &d in &req.dates {
-            points.push(count_one(&api, d, days, &req)?);
+            points.push(count_one(&api, &src, d, days, &req)?);
         }
         let mut out = if req.series {
             let mut m = Map::new();
@@ -507,14 +743,15 @@ async fn counting(
 }
 
 /// DAU / MAU for one date (or a series), with the ratio's delta-method interval.
-async fn engagement(State(api): State<Arc<Api>>, QueryParams(params): Params) -> ApiResult {
+async fn engagement(State(api): State<Arc<Api>>, Params(params): Params) -> ApiResult {
     if params.contains_key("group_by") {
         return Err(ApiError::bad(
-            "group_by is not supported for /v1/engagement",
+            "`group_by` is not supported for /v1/engagement",
         ));
     }
     let req = request(&api, &params, 28)?;
-    blocking(move || {
+    blocking(api.clone(), move || {
+        let src = api.metered();
         let mut points = Vec::new();
         for &date in &req.dates {
             let q = |days| {
@@ -522,8 +759,8 @@ async fn engagement(State(api): State<Arc<Api>>, QueryParams(params): Params) ->
                 q.filters = req.filters.clone();
                 q
             };
-            let dau = sketch::count(&api.sketch, &api.store, &q(1))?;
-            let mau = sketch::count(&api.sketch, &api.store, &q(28))?;
+            let dau = sketch::count(&api.sketch, &src, &q(1))?;
+            let mau = sketch::count(&api.sketch, &src, &q(28))?;
             let mut m = match dau.ratio(&mau) {
                 Some(r) => ratio_json(&r),
                 None => {
@@ -554,19 +791,19 @@ async fn engagement(State(api): State<Arc<Api>>, QueryParams(params): Params) ->
 }
 
 /// The union sketch of a segment over a range, serialized (format in `sketch` module docs).
-async fn union_sketch(State(api): State<Arc<Api>>, QueryParams(params): Params) -> ApiResult {
+async fn union_sketch(State(api): State<Arc<Api>>, Params(params): Params) -> ApiResult {
     if params.contains_key("group_by") {
-        return Err(ApiError::bad("group_by is not supported for /v1/sketch"));
+        return Err(ApiError::bad("`group_by` is not supported for /v1/sketch"));
     }
     let req = request(&api, &params, 1)?;
-    blocking(move || {
+    blocking(api.clone(), move || {
         let q = Query {
             start: req.dates[0],
             end: req.dates[req.dates.len() - 1],
             filters: req.filters.clone(),
             group_by: Vec::new(),
         };
-        let mut s = sketch::union_sketch(&api.sketch, &api.store, &q)?;
+        let mut s = sketch::union_sketch(&api.sketch, &api.metered(), &q)?;
         let mut out = answer_json(&s.answer());
         out.insert("start".into(), json!(q.start.to_string()));
         out.insert("end".into(), json!(q.end.to_string()));
@@ -581,7 +818,7 @@ async fn union_sketch(State(api): State<Arc<Api>>, QueryParams(params): Params) 
 }
 
 async fn experiments(State(api): State<Arc<Api>>) -> ApiResult {
-    let summaries = blocking({
+    let summaries = blocking(api.clone(), {
         let api = api.clone();
         move || {
             let live = api.live()?;
@@ -624,8 +861,8 @@ async fn experiments(State(api): State<Arc<Api>>) -> ApiResult {
 /// Clients active per branch (by the branch their telemetry reported) on a date or range.
 async fn experiment_dau(
     State(api): State<Arc<Api>>,
-    Path(slug): Path<String>,
-    QueryParams(params): Params,
+    Slug(slug): Slug,
+    Params(params): Params,
 ) -> ApiResult {
     let exp = api.experiment(&slug)?;
     if let Some(k) = params
@@ -638,10 +875,11 @@ async fn experiment_dau(
     }
     let req = request(&api, &params, 1)?;
     let branches: Vec<String> = exp.branches.iter().map(|b| b.name.clone()).collect();
-    blocking(move || {
+    blocking(api.clone(), move || {
+        let src = api.metered();
         let mut points = Vec::new();
         for &date in &req.dates {
-            let found = sketch::experiment_branches(&api.sketch, &api.store, &slug, date, date)?;
+            let found = sketch::experiment_branches(&api.sketch, &src, &slug, date, date)?;
             let list: Vec<Value> = branches
                 .iter()
                 .map(|b| {
@@ -672,8 +910,8 @@ async fn experiment_dau(
 /// Live health of one experiment (see [`health::health`]).
 async fn experiment_health(
     State(api): State<Arc<Api>>,
-    Path(slug): Path<String>,
-    QueryParams(params): Params,
+    Slug(slug): Slug,
+    Params(params): Params,
 ) -> ApiResult {
     api.experiment(&slug)?;
     if let Some(k) = params.keys().next() {
@@ -681,7 +919,7 @@ async fn experiment_health(
             "unknown parameter `{k}`; /health takes none"
         )));
     }
-    blocking(move || {
+    blocking(api.clone(), move || {
         let exp = api.experiment(&slug)?;
         let h = health::health(&api.store, &api.sketch, exp, &api.live()?)?;
         Ok(Json(serde_json::to_value(h).map_err(internal)?))
@@ -692,8 +930,8 @@ async fn experiment_health(
 /// Published statistics rows of one period, as the `statistics_<slug>_<period>` view.
 async fn experiment_statistics(
     State(api): State<Arc<Api>>,
-    Path(slug): Path<String>,
-    QueryParams(params): Params,
+    Slug(slug): Slug,
+    Params(params): Params,
 ) -> ApiResult {
     let exp = api.experiment(&slug)?;
     let periods: Vec<&str> = exp.periods.iter().map(|p| p.view_name()).collect();
@@ -722,7 +960,7 @@ async fn experiment_statistics(
         }
         filters.push((k.clone(), v.clone()));
     }
-    blocking(move || {
+    blocking(api.clone(), move || {
         let exp = api.experiment(&slug)?;
         let rows = health::statistics_rows(&api.store, exp, period, &filters).map_err(internal)?;
         Ok(Json(json!({
@@ -737,7 +975,7 @@ async fn experiment_statistics(
 
 /// The results page's index: every experiment with its health summary.
 async fn index_page(State(api): State<Arc<Api>>) -> Result<Html<String>, ApiError> {
-    blocking(move || {
+    blocking(api.clone(), move || {
         let live = api.live()?;
         let mut list = Vec::new();
         for e in &api.cfg.experiments {
@@ -753,10 +991,10 @@ async fn index_page(State(api): State<Arc<Api>>) -> Result<Html<String>, ApiErro
 /// DAU/MAU, windows.
 async fn experiment_page(
     State(api): State<Arc<Api>>,
-    Path(slug): Path<String>,
+    Slug(slug): Slug,
 ) -> Result<Html<String>, ApiError> {
     api.experiment(&slug)?;
-    blocking(move || {
+    blocking(api.clone(), move || {
         let exp = api.experiment(&slug)?;
         let live = api.live()?;
         let h = health::health(&api.store, &api.sketch, exp, &live)?;
@@ -799,8 +1037,8 @@ async fn experiment_page(
 /// goes to the consume loop, which owns the pipeline, so only one process opens the state.
 async fn trigger_finalize(
     State(api): State<Arc<Api>>,
-    Path(slug): Path<String>,
-    QueryParams(params): Params,
+    Slug(slug): Slug,
+    Params(params): Params,
 ) -> Response {
     match finalize_now(&api, slug, &params).await {
         Ok(body) => Json(body).into_response(),
@@ -866,4 +1104,133 @@ async fn finalize_now(
         ));
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PipelineConfig;
+
+    /// An API over an empty store with one query slot and a short wait.
+    fn one_slot_api(dir: &std::path::Path) -> Arc<Api> {
+        let cfg = Config {
+            pipeline: PipelineConfig {
+                max_concurrent_queries: 1,
+                query_wait_millis: 50,
+                ..PipelineConfig::default()
+            },
+            experiments: Vec::new(),
+        };
+        let store = Store::open(dir, &cfg).unwrap();
+        Api::new(store, Arc::new(cfg)).unwrap()
+    }
+
+    async fn text(r: Response) -> String {
+        let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abandoned_work_keeps_its_slot_and_a_full_pool_answers_503() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = one_slot_api(dir.path());
+        // A request gives up on its work (as the 30 s timeout does): the work goes on
+        // and keeps the only slot until it ends.
+        let (finish, finished) = std::sync::mpsc::channel::<()>();
+        let abandoned = tokio::time::timeout(
+            Duration::from_millis(100),
+            blocking(api.clone(), move || {
+                finished.recv().ok();
+                Ok(())
+            }),
+        )
+        .await;
+        assert!(abandoned.is_err(), "the work should still be running");
+        assert_eq!(api.queries.available_permits(), 0);
+        let r = counting(
+            State(api.clone()),
+            Params(parse_query("date=2026-11-01").unwrap()),
+            1,
+        )
+        .await
+        .unwrap_err()
+        .into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let body: Value = serde_json::from_str(&text(r).await).unwrap();
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains("max_concurrent_queries"), "{error}");
+        // Once the work ends its slot is free: queries and /metrics answer again.
+        finish.send(()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while api.queries.available_permits() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the slot was never freed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let Json(answer) = counting(
+            State(api.clone()),
+            Params(parse_query("date=2026-11-01").unwrap()),
+            1,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.1));
+        assert_eq!(answer["estimate"], 0.0);
+        let scrape = text(
+            metrics(State(api.clone()))
+                .await
+                .unwrap_or_else(|e| panic!("{}", e.1)),
+        )
+        .await;
+        assert!(
+            scrape.contains("slipstream_http_busy_refusals_total 1\n"),
+            "{scrape}"
+        );
+        assert!(
+            scrape.contains("slipstream_http_queries_running 1\n"),
+            "{scrape}"
+        );
+    }
+
+    fn query(q: &str) -> Result<Vec<(String, String)>, String> {
+        parse_query(q)
+            .map(|m| m.into_iter().collect())
+            .map_err(|e| e.1)
+    }
+
+    #[test]
+    fn query_strings_decode_strictly() {
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(query(""), Ok(vec![]));
+        assert_eq!(
+            query("&os=Windows+XP&&channel=%72elease%2C&x"),
+            Ok(pairs(&[
+                ("channel", "release,"),
+                ("os", "Windows XP"),
+                ("x", "")
+            ]))
+        );
+        assert_eq!(query("os=%C3%A9"), Ok(pairs(&[("os", "é")])));
+        for (q, needle) in [
+            ("os=a&os=b", "`os` is given more than once"),
+            ("os=%ZZ", "`os` has a malformed percent-escape `%ZZ`"),
+            ("os=%+1", "`os` has a malformed percent-escape `%+1`"),
+            ("os=%4", "`os` has a malformed percent-escape `%4`"),
+            ("os=%", "`os` has a malformed percent-escape `%`"),
+            ("os=%é", "`os` has a malformed percent-escape `%é`"),
+            ("os=%FF", "`os` is not UTF-8"),
+            ("os=%C3", "`os` is not UTF-8"),
+            ("%FF=1", "parameter name `%FF` is not UTF-8"),
+            ("=1", "`=1` has no parameter name"),
+        ] {
+            let err = query(q).unwrap_err();
+            assert!(err.contains(needle), "{q}: {err}");
+        }
+    }
 }

@@ -82,7 +82,7 @@ pub use hll::{ClientHash, CountAnswer, HashVersion, Precision, Regime, Sketch};
 pub use key::{keys_for_event, Dimensions, Scope, SketchKey, MISSING_VALUE};
 pub use query::{
     count, experiment_branches, group_by, group_by_with, plan, plan_at, union_sketch, union_with,
-    Group, Level, MemorySource, Plan, Query, Read, SketchConfig, SketchSource, Visit,
+    Group, Level, MemorySource, Metered, Plan, Query, Read, SketchConfig, SketchSource, Visit,
 };
 pub use union::Union;
 
@@ -117,6 +117,9 @@ pub enum SketchError {
     /// (for a 400 answer).
     #[error("{0}")]
     BadQuery(String),
+    /// A query that needs more reads than a [`Metered`] source allows.
+    #[error("the query reads more than {limit} sketches, the most one query may read")]
+    OverBudget { limit: u64 },
     /// The store failed.
     #[error("sketch store: {0}")]
     Store(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -14,6 +14,7 @@
 //! Semantics: a client counts for a segment when one of its events in the
 //! range carried all the filter values (not when different events did).
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 
 use chrono::{Days, NaiveDate};
@@ -93,6 +94,56 @@ impl SketchSource for MemorySource {
     }
 }
 
+/// A [`SketchSource`] that refuses to read more than `limit` times (each point
+/// read, each scan and each entry a scan visits is one read), so that the work
+/// of one request stays bounded whatever its range, window, grouping and
+/// filters: the reads, not the dates, are what a query costs.
+pub struct Metered<'a> {
+    src: &'a dyn SketchSource,
+    limit: u64,
+    used: Cell<u64>,
+}
+
+impl<'a> Metered<'a> {
+    /// Reads of `src`, at most `limit` of them.
+    pub fn new(src: &'a dyn SketchSource, limit: u64) -> Self {
+        Metered {
+            src,
+            limit,
+            used: Cell::new(0),
+        }
+    }
+
+    /// Reads made so far.
+    pub fn used(&self) -> u64 {
+        self.used.get()
+    }
+
+    fn spend(&self) -> Result<(), SketchError> {
+        let used = self.used.get() + 1;
+        if used > self.limit {
+            return Err(SketchError::OverBudget { limit: self.limit });
+        }
+        self.used.set(used);
+        Ok(())
+    }
+}
+
+impl SketchSource for Metered<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, SketchError> {
+        self.spend()?;
+        self.src.get(key)
+    }
+
+    fn scan_prefix(&self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), SketchError> {
+        self.spend()?;
+        self.src.scan_prefix(prefix, &mut |k, v| {
+            self.spend()?;
+            visit(k, v)
+        })
+    }
+}
+
 /// Limits and layout shared by the write path and queries.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SketchConfig {
@@ -102,6 +153,9 @@ pub struct SketchConfig {
     pub precision: Precision,
     /// Longest date range a query may span (bounds the work per request).
     pub max_range_days: u32,
+    /// Most reads one request may make through a [`Metered`] source (a long
+    /// series with `group_by` reads many sketches per date).
+    pub max_query_sketches: u64,
 }
 
 impl Default for SketchConfig {
@@ -110,6 +164,7 @@ impl Default for SketchConfig {
             dimensions: Dimensions::default(),
             precision: Precision::DEFAULT,
             max_range_days: 366,
+            max_query_sketches: 500_000,
         }
     }
 }

@@ -512,3 +512,28 @@ fn stored_sketches_of_another_precision_are_refused() {
         })
     ));
 }
+
+#[test]
+fn metered_reads_stop_at_the_limit_and_change_no_answer_below_it() {
+    let data = Data::generate(300, 40, 7);
+    let store = data.store(1);
+    let q = Query::mau(data.date(39)).group("os");
+    let full = group_by(&cfg(), &store, &q).unwrap();
+    let probe = Metered::new(&store, u64::MAX);
+    assert_eq!(group_by(&cfg(), &probe, &q).unwrap(), full);
+    // One scan of the day's `os` rollups per day, and each of its 4 entries.
+    assert_eq!(probe.used(), 28 * (1 + 4));
+    let used = probe.used();
+    assert_eq!(
+        group_by(&cfg(), &Metered::new(&store, used), &q).unwrap(),
+        full
+    );
+    match group_by(&cfg(), &Metered::new(&store, used - 1), &q) {
+        Err(SketchError::OverBudget { limit }) => assert_eq!(limit, used - 1),
+        other => panic!("{other:?}"),
+    }
+    // A DAU is one point read.
+    let probe = Metered::new(&store, 1);
+    count(&cfg(), &probe, &Query::dau(data.date(3))).unwrap();
+    assert_eq!(probe.used(), 1);
+}
