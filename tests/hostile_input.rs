@@ -1316,7 +1316,7 @@ segments = [{ name = "windows", where = 'os = "Windows" and country in ["DE", "F
 metrics = [{ name = "tabs", field = "tab_count", aggregation = "max", statistics = ["count", { kind = "mean", ci_width = 0.9, drop_highest = 0.01 }] }]
 "#;
 
-const CONFIG_KEYS: [&str; 42] = [
+const CONFIG_KEYS: [&str; 49] = [
     "slug",
     "branches",
     "reference_branch",
@@ -1348,6 +1348,13 @@ const CONFIG_KEYS: [&str; 42] = [
     "replicates",
     "sketch_precision",
     "max_query_days",
+    "max_query_sketches",
+    "max_concurrent_queries",
+    "query_wait_millis",
+    "late_check_secs",
+    "late_lookback_days",
+    "state_cache_mb",
+    "retention_days",
     "mean_cap",
     "kafka",
     "bigquery",
