@@ -647,9 +647,8 @@ def check(con, cfg, w, agg, stats_rows, out_dir):
         problems.append(f"{period} {index}: statistics rows differ: {len(set(ours) - set(theirs))} only in the batch, "
                         f"{len(set(theirs) - set(ours))} only in slipstream (e.g. {sorted(set(ours) ^ set(theirs), key=str)[:3]})")
     # Deterministic statistics must agree; bootstrap points (random on both sides, with
-    # different draws) within a quarter of the interval width for means and binomials;
-    # decile comparisons of integer metrics can flip between neighbouring values, so their
-    # distance is only reported.
+    # different draws) within a quarter of the interval width (for decile comparisons, of
+    # the width or 1 when wider: their intervals can be a single integer).
     worst = {"mean": 0.0, "deciles": 0.0, "binomial": 0.0, "width": 0.0}
     for key in set(ours) & set(theirs):
         o, t = ours[key], theirs[key]
@@ -670,13 +669,22 @@ def check(con, cfg, w, agg, stats_rows, out_dir):
         elif stat == "deciles" and cmp is None:
             if abs(po - pt) > 1e-3 * max(1.0, abs(pt)):
                 problems.append(f"{key}: point {po} vs {pt}")
-        elif stat in ("mean", "deciles", "binomial") and o[9] is not None and t["lower"] is not None:
+        elif stat == "deciles" and o[9] is not None and t["lower"] is not None:
+            # Comparison points are means of paired replicate deciles; for integer metrics
+            # the replicates take a few integer values and the interval is often a single
+            # value, so the distance is over the width but at least the integer step, 1.
+            width = max(t["upper"] - t["lower"], o[10] - o[9], 1.0)
+            rel = abs(po - pt) / width
+            worst["deciles"] = max(worst["deciles"], rel)
+            if rel > 0.25:
+                problems.append(f"{key}: point {po} vs {pt} ({rel:.2f} of the interval width or 1)")
+        elif stat in ("mean", "binomial") and o[9] is not None and t["lower"] is not None:
             width = max(t["upper"] - t["lower"], o[10] - o[9], 1e-12)
             rel = abs(po - pt) / width
             worst[stat] = max(worst[stat], rel)
             if stat == "mean" and cmp is None:
                 worst["width"] = max(worst["width"], abs((o[10] - o[9]) / max(t["upper"] - t["lower"], 1e-12) - 1))
-            if stat != "deciles" and rel > 0.25:
+            if rel > 0.25:
                 problems.append(f"{key}: point {po} vs {pt} ({rel:.2f} of the interval width)")
     return problems, compared, len(ours), worst
 
