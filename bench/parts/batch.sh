@@ -98,7 +98,7 @@ for plan in "${PLAN[@]}"; do
     RATIO[$n-$weeks]=$(median "${ratio[@]}")
     A=$(median "${a[@]}") B=$(median "${b[@]}")
     declare -g "A_${n}_${weeks}=$A" "B_${n}_${weeks}=$B"
-    rows+=("| $weeks weeks, $(fmt_int "$n") clients | $(fmt_int "$lines") | $runs | **$(fmt1 "$A") s** ($(fmt1 "$(median "${a_fold[@]}")") / $(fmt1 "$(median "${a_mat[@]}")") / $(fmt1 "$(median "${a_sink[@]}")")) | **$(fmt1 "$B") s** ($(fmt1 "$(median "${b_load[@]}")") / $(fmt1 "$(median "${b_agg[@]}")") / $(fmt1 "$(median "${b_stats[@]}")") / $(fmt1 "$(median "${b_write[@]}")")) | **$(fmt2 "${RATIO[$n-$weeks]}")**$([ "$runs" -gt 1 ] && echo " ($(range "${ratio[@]}" | sed -E 's/([0-9]+\.[0-9]{2})[0-9]*/\1/g'))") | $(awk "BEGIN { printf \"%.2f / %.2f GB\", $(median "${a_rss[@]}") * 1024 / 1e9, $(median "${b_rss[@]}") * 1024 / 1e9 }") |")
+    rows+=("| $weeks weeks, $(fmt_int "$n") clients | $(fmt_int "$lines") | $runs | **$(fmt1 "$A") s** ($(fmt1 "$(median "${a_fold[@]}")") / $(fmt1 "$(median "${a_mat[@]}")") / $(fmt1 "$(median "${a_sink[@]}")")) | **$(fmt1 "$B") s** ($(fmt1 "$(median "${b_load[@]}")") / $(fmt1 "$(median "${b_agg[@]}")") / $(fmt1 "$(median "${b_stats[@]}")") / $(fmt1 "$(median "${b_write[@]}")")) | **$(fmt2 "${RATIO[$n-$weeks]}")**$([ "$runs" -gt 1 ] && echo " ($(range "${ratio[@]}" | awk -F- '{ printf "%.2f-%.2f", $1, $2 }'))") | $(awk "BEGIN { printf \"%.2f / %.2f GB\", $(median "${a_rss[@]}") * 1024 / 1e9, $(median "${b_rss[@]}") * 1024 / 1e9 }") |")
     if [ "${KEEP_EVENTS:-0}" = 0 ] && [ "$n" -gt 100000 ]; then
         rm -f "$events" "$events.done"
     fi
