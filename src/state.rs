@@ -1175,6 +1175,36 @@ pub(crate) fn i64_value(v: i64) -> [u8; 8] {
 mod tests {
     use super::*;
 
+    /// A bare sled database for writing old formats by hand: without sled's flusher
+    /// thread, which keeps the directory locked for a while after the handle is dropped
+    /// (a `Store::open` right after could fail with "could not acquire lock").
+    fn raw_db(path: &std::path::Path) -> sled::Db {
+        sled::Config::new()
+            .path(path)
+            .flush_every_ms(None)
+            .open()
+            .unwrap()
+    }
+
+    /// `Store::open` right after a handle on the same directory was dropped in this
+    /// process: sled's background threads can hold its lock for a moment, so the lock
+    /// error ("another slipstream process is using ...") is retried for up to 5 s.
+    fn reopen(dir: &std::path::Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Store::open(dir, &empty_config()) {
+                Ok(store) => return store,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     #[test]
     fn daily_keys_sort_by_day_including_negative() {
         let a = keys::daily(1, "c", Day(-5));
@@ -1193,7 +1223,7 @@ mod tests {
         };
         drop(Store::open(dir.path(), &cfg).unwrap());
         {
-            let db = sled::open(dir.path().join("db")).unwrap();
+            let db = raw_db(&dir.path().join("db"));
             db.insert(META_FORMAT, &99u32.to_be_bytes()).unwrap();
             db.flush().unwrap();
         }
@@ -1254,7 +1284,7 @@ mod tests {
     #[test]
     fn compaction_merges_segments_into_client_records() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        let store = reopen(dir.path());
         write(&store, &[("a", 10, 2), ("b", 10, 1)]);
         write(&store, &[("a", 10, 3), ("a", 12, 1)]);
         assert_eq!(store.pending_segments(), 2);
@@ -1277,7 +1307,7 @@ mod tests {
         // A crash after the merged records were written but before the segment was
         // removed leaves both: the next compaction must skip what the records hold.
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        let store = reopen(dir.path());
         let (k, v, bytes) = write(&store, &[("a", 10, 2)]);
         store.compact_all().unwrap();
         assert_eq!(events_of(&store, "a"), vec![(10, 2)]);
@@ -1293,7 +1323,7 @@ mod tests {
         batch.insert(k, v);
         store.apply(batch).unwrap();
         drop(store);
-        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        let store = reopen(dir.path());
         write(&store, &[("a", 10, 1), ("c", 3, 1)]);
         assert_eq!(store.compact_all().unwrap(), 2);
         assert_eq!(events_of(&store, "a"), vec![(10, 3)]);
@@ -1305,12 +1335,12 @@ mod tests {
         // Records say "every segment below N is merged": a segment numbered below that
         // after a restart would be skipped, and its deltas lost.
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        let store = reopen(dir.path());
         write(&store, &[("a", 1, 1)]);
         write(&store, &[("a", 1, 1)]);
         store.compact_all().unwrap();
         drop(store);
-        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        let store = reopen(dir.path());
         let (k, _, _) = write(&store, &[("a", 1, 5)]);
         assert_eq!(log_seq(&k), 2);
         store.compact_all().unwrap();
@@ -1321,9 +1351,9 @@ mod tests {
     fn a_version_1_store_is_migrated_in_place() {
         // Version 1: bare enrollment values and one `D` key per client and day.
         let dir = tempfile::tempdir().unwrap();
-        drop(Store::open(dir.path(), &empty_config()).unwrap());
+        drop(reopen(dir.path()));
         {
-            let db = sled::open(dir.path().join("db")).unwrap();
+            let db = raw_db(&dir.path().join("db"));
             let enrollment = EnrollmentRecord {
                 num_exposure_events: 3,
                 ..Default::default()
@@ -1340,7 +1370,7 @@ mod tests {
             db.flush().unwrap();
         }
         std::fs::write(dir.path().join(FORMAT_FILE), "1\n").unwrap();
-        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        let store = reopen(dir.path());
         let e: Vec<_> = store.enrollments("exp").map(|e| e.unwrap()).collect();
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].client_id, "a");
@@ -1359,7 +1389,7 @@ mod tests {
             "3\n"
         );
         // A second open changes nothing.
-        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(events_of(&store, "a"), vec![(-1, 1), (5, 2)]);
         let e: Vec<_> = store.enrollments("exp").map(|e| e.unwrap()).collect();
         assert_eq!(e[0].record.num_exposure_events, 3);
@@ -1369,9 +1399,9 @@ mod tests {
     fn a_version_2_store_is_split_into_buckets() {
         // Version 2: one `C` value per client with all its days and its delta-log mark.
         let dir = tempfile::tempdir().unwrap();
-        drop(Store::open(dir.path(), &empty_config()).unwrap());
+        drop(reopen(dir.path()));
         {
-            let db = sled::open(dir.path().join("db")).unwrap();
+            let db = raw_db(&dir.path().join("db"));
             let mut rec = ClientRecord {
                 merged_below: 4,
                 days: Vec::new(),
@@ -1384,7 +1414,7 @@ mod tests {
             db.flush().unwrap();
         }
         std::fs::write(dir.path().join(FORMAT_FILE), "2\n").unwrap();
-        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        let store = reopen(dir.path());
         let all = vec![(-8, 1), (-1, 2), (0, 3), (6, 4), (7, 5), (20, 6)];
         assert_eq!(events_of(&store, "a"), all);
         assert!(store.db.scan_prefix(b"C").next().is_none());
@@ -1403,7 +1433,7 @@ mod tests {
         assert_eq!(buckets[2].1.days.len(), 2); // days 0 and 6
                                                 // A second open changes nothing.
         drop(store);
-        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(
             std::fs::read_to_string(dir.path().join(FORMAT_FILE)).unwrap(),
             "3\n"
@@ -1414,7 +1444,7 @@ mod tests {
     #[test]
     fn a_range_of_days_reads_only_its_buckets_and_its_client() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        let store = reopen(dir.path());
         write(
             &store,
             &[("a", -1, 1), ("a", 0, 2), ("a", 13, 3), ("a", 14, 4)],
@@ -1448,13 +1478,13 @@ mod tests {
     #[test]
     fn orphan_and_damaged_segment_files() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        let store = reopen(dir.path());
         // A file whose batch never landed (a crash in between): removed at the next open,
         // and its sequence number is not reused.
         let orphan = store.write_segment(b"never referenced").unwrap().0;
         let (k, _, _) = write(&store, &[("a", 1, 1)]);
         drop(store);
-        let store = Store::open(dir.path(), &empty_config()).unwrap();
+        let store = reopen(dir.path());
         let name = |key: &[u8]| {
             dir.path()
                 .join(LOG_DIR)

@@ -258,7 +258,11 @@ fn a_full_disk_is_a_clear_error_and_loses_nothing() {
 /// Every key and value of a sled store (its logical contents; sled rewrites its files on
 /// every open, so bytes are compared only where the store is never opened).
 fn sled_contents(state: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let db = sled::open(state.join("db")).unwrap();
+    let db = sled::Config::new()
+        .path(state.join("db"))
+        .flush_every_ms(None) // no flusher thread keeping the lock after the drop
+        .open()
+        .unwrap();
     db.iter()
         .map(|kv| kv.unwrap())
         .map(|(k, v)| (k.to_vec(), v.to_vec()))
@@ -292,7 +296,11 @@ fn a_newer_format_version_is_refused_without_writes() {
     // as in a store written before it existed: refused, and no key or file is written.
     std::fs::remove_file(state.join("FORMAT")).unwrap();
     {
-        let db = sled::open(state.join("db")).unwrap();
+        let db = sled::Config::new()
+            .path(state.join("db"))
+            .flush_every_ms(None) // no flusher thread keeping the lock after the drop
+            .open()
+            .unwrap();
         db.insert(b"M\0format", &4u32.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
