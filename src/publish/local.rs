@@ -72,8 +72,8 @@ impl LocalSink {
     }
 }
 
-/// Encodes rows of one table as JSON objects in column order. The keys (`{"name":` and
-/// `,"name":`) are escaped once per table; dates, plain strings and numbers are written
+/// Encodes rows of one table as JSON objects in column order. The keys (`"name":`, and
+/// `,"name":` after the first) are escaped once per table; dates, plain strings and numbers are written
 /// without going through a formatter. The bytes are those of serde_json.
 pub struct RowWriter {
     keys: Vec<Vec<u8>>,
@@ -86,7 +86,7 @@ impl RowWriter {
             .iter()
             .enumerate()
             .map(|(i, col)| {
-                let mut k = vec![if i == 0 { b'{' } else { b',' }];
+                let mut k = if i == 0 { vec![] } else { vec![b','] };
                 serde_json::to_writer(&mut k, &col.name).expect("writing to memory");
                 k.push(b':');
                 k
@@ -96,9 +96,7 @@ impl RowWriter {
     }
 
     pub fn write(&self, w: &mut impl Write, row: &[Value]) -> std::io::Result<()> {
-        if row.is_empty() {
-            w.write_all(b"{")?;
-        }
+        w.write_all(b"{")?;
         for (key, v) in self.keys.iter().zip(row) {
             w.write_all(key)?;
             match v {
@@ -154,11 +152,6 @@ fn write_date(w: &mut impl Write, d: chrono::NaiveDate) -> std::io::Result<()> {
         digit(day % 10),
         b'"',
     ])
-}
-
-/// Writes one row as a JSON object in column order (see [`RowWriter`] for many rows).
-pub fn write_row(w: &mut impl Write, table: &TableData, row: &[Value]) -> std::io::Result<()> {
-    RowWriter::new(table).write(w, row)
 }
 
 impl Sink for LocalSink {

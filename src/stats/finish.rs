@@ -29,14 +29,24 @@ fn finite(x: f64) -> Option<f64> {
 
 /// (lower, upper) percentiles of replicates for a central interval of width `ci`; None when
 /// any replicate is non-finite.
-fn interval(reps: &[f64], ci: f64) -> Option<(f64, f64, Vec<f64>)> {
+fn interval(reps: &[f64], ci: f64) -> Option<(f64, f64)> {
     if reps.is_empty() || reps.iter().any(|x| !x.is_finite()) {
         return None;
     }
     let mut sorted = reps.to_vec();
     sorted.sort_unstable_by(f64::total_cmp);
     let a = (1.0 - ci) / 2.0;
-    Some((percentile(&sorted, a), percentile(&sorted, 1.0 - a), sorted))
+    Some((percentile(&sorted, a), percentile(&sorted, 1.0 - a)))
+}
+
+/// [point, lower, upper] of replicates: their mean and central interval of width `ci`
+/// (Jetstream's `mean` of a branch and `exp` of a comparison); all None when any
+/// replicate is non-finite.
+fn mean_and_interval(reps: &[f64], ci: f64) -> [Option<f64>; 3] {
+    match interval(reps, ci) {
+        Some((lo, hi)) => [Some(replicate_average(reps)), Some(lo), Some(hi)],
+        None => [None; 3],
+    }
 }
 
 /// Mean of replicates, anchored on the first so that equal replicates give that value exactly.
@@ -105,12 +115,7 @@ impl RowMaker<'_> {
                                 .collect();
                             // Point: the mean of the paired replicates, Jetstream's
                             // `exp` (mozanalysis `summarize_joint_samples`).
-                            match interval(&paired, self.ci_width) {
-                                Some((lo, hi, _)) => {
-                                    [Some(replicate_average(&paired)), Some(lo), Some(hi)]
-                                }
-                                None => [None; 3],
-                            }
+                            mean_and_interval(&paired, self.ci_width)
                         }
                         _ => [None; 3],
                     };
@@ -314,14 +319,7 @@ pub fn rows(
                             .collect();
                         let own: Vec<[Option<f64>; 3]> = reps
                             .iter()
-                            .map(|r| {
-                                match r.as_ref().and_then(|r| interval(r, ci).map(|i| (r, i))) {
-                                    Some((r, (lo, hi, _))) => {
-                                        [Some(replicate_average(r)), Some(lo), Some(hi)]
-                                    }
-                                    None => [None; 3],
-                                }
-                            })
+                            .map(|r| r.as_ref().map_or([None; 3], |r| mean_and_interval(r, ci)))
                             .collect();
                         rm.with_comparisons(&mut out, None, branches, &own, &reps);
                     }
@@ -378,7 +376,7 @@ pub fn rows(
                                         dist.group(s, b, m).sketch.quantile(q),
                                         reps[b].as_ref().and_then(|r| interval(r, ci)),
                                     ) {
-                                        (Some(pt), Some((lo, hi, _))) => {
+                                        (Some(pt), Some((lo, hi))) => {
                                             [Some(pt), Some(lo), Some(hi)]
                                         }
                                         (pt, _) => [pt, None, None],
