@@ -328,7 +328,27 @@ periods = ["day", "week", "overall"]
         run.log_tail(30)
     );
     producer.join().unwrap();
-    std::thread::sleep(Duration::from_millis(1500)); // every partition idle: final watermark
+    // Every partition idle gives the final watermark, and the last windows and sketch days
+    // are published: wait until the emulator lists every table the replay wrote (a fixed
+    // pause was too short on a loaded machine), then stop `run`.
+    let want: Vec<String> = common::all_tables(&local)
+        .keys()
+        .map(|name| name.trim_end_matches(".ndjson").to_string())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let have = table_ids(&emu, "midrun");
+        let missing: Vec<&String> = want.iter().filter(|t| !have.contains(t)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not published within 60 s of the last event: {missing:?}\n{}",
+            run.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(!run.exited(), "{}", run.log_tail(30));
     let failures = run.count("publication failed");
     run.signal("TERM");
