@@ -23,8 +23,6 @@ use crate::window::{enrollments_table, statistics_view, Window};
 pub struct Due {
     pub windows: Vec<Window>,
     pub enrollments: bool,
-    /// Build the windows' aggregate tables only, no statistics (to measure late changes).
-    pub aggregates_only: bool,
 }
 
 /// A published window's size: its row count and the sum of every metric column of each
@@ -44,61 +42,44 @@ pub struct WindowSignature {
 impl WindowSignature {
     /// Adds one aggregate table of the window (of experiment `exp`).
     pub fn add_table(&mut self, exp: &Experiment, table: &TableData) {
-        self.rows = self.rows.max(table.rows.len() as u64);
-        self.sums
-            .push((format!("{}#rows", table.name), table.rows.len() as f64));
-        let mut h = xxhash_rust::xxh3::Xxh3::with_seed(self.digest);
-        // The streaming hash sees one byte stream, however it is split: the values are
-        // encoded into a buffer handed over a few KB at a time (an update per value costs
-        // more than the hashing), with the same digest as one update per value.
-        let mut buf: Vec<u8> = Vec::with_capacity(8192);
+        let metrics: Vec<(&str, usize)> = exp
+            .metrics
+            .iter()
+            .filter_map(|m| {
+                let col = table.columns.iter().position(|c| c.name == m.name)?;
+                Some((m.name.as_str(), col))
+            })
+            .collect();
+        let mut d = TableDigest::new(table.name.clone(), metrics.iter().map(|(m, _)| *m));
+        let mut values = vec![0.0; metrics.len()];
         for row in &table.rows {
             for v in row {
-                match v {
-                    Value::Null => buf.push(0),
-                    Value::Str(s) => {
-                        buf.push(1);
-                        buf.extend_from_slice(&(s.len() as u64).to_le_bytes());
-                        buf.extend_from_slice(s.as_bytes());
-                    }
-                    Value::Int(i) => {
-                        buf.push(2);
-                        buf.extend_from_slice(&i.to_le_bytes());
-                    }
-                    Value::Float(x) | Value::Numeric(x) => {
-                        buf.push(3);
-                        buf.extend_from_slice(&x.to_bits().to_le_bytes());
-                    }
-                    Value::Bool(b) => buf.extend_from_slice(&[4, u8::from(*b)]),
-                    Value::Date(d) => {
-                        buf.push(5);
-                        buf.extend_from_slice(&d.num_days_from_ce().to_le_bytes());
-                    }
-                }
+                d.value(v);
             }
-            if buf.len() >= 4096 {
-                h.update(&buf);
-                buf.clear();
-            }
-        }
-        h.update(&buf);
-        self.digest = h.digest();
-        for m in &exp.metrics {
-            let Some(col) = table.columns.iter().position(|c| c.name == m.name) else {
-                continue;
-            };
-            let sum: f64 = table
-                .rows
-                .iter()
-                .map(|r| match &r[col] {
+            for (x, &(_, col)) in values.iter_mut().zip(&metrics) {
+                *x = match &row[col] {
                     Value::Float(x) => *x,
                     Value::Int(i) => *i as f64,
                     Value::Bool(b) => f64::from(u8::from(*b)),
                     _ => 0.0,
-                })
-                .sum();
-            self.sums.push((format!("{}.{}", table.name, m.name), sum));
+                };
+            }
+            d.end_row(&values);
         }
+        self.add_digest(d);
+    }
+
+    /// Adds one aggregate table of the window, as a digest accumulated row by row.
+    fn add_digest(&mut self, t: TableDigest) {
+        self.rows = self.rows.max(t.rows);
+        self.sums.push((format!("{}#rows", t.name), t.rows as f64));
+        for (metric, sum) in t.sums {
+            self.sums.push((format!("{}.{}", t.name, metric), sum));
+        }
+        let mut hasher = t.hasher;
+        hasher.update(&t.buf);
+        let table = hasher.digest().to_le_bytes();
+        self.digest = xxhash_rust::xxh3::xxh3_64_with_seed(&table, self.digest);
     }
 
     /// The metrics whose sums it holds (the metric columns of the window's tables).
@@ -138,6 +119,85 @@ impl WindowSignature {
             return f64::MIN_POSITIVE;
         }
         worst
+    }
+}
+
+/// One aggregate table's share of a `WindowSignature`, accumulated row by row: its row
+/// count, each metric's sum (in row order) and the hash of every value, each encoded as a
+/// tag byte and its little-endian bytes. A window's digest chains its tables' digests.
+/// (Until the measurement streamed rows, one hash ran through all of a window's tables:
+/// a signature stored then differs in its digest only, which `change` takes as the
+/// smallest change, so a window measured once after the upgrade is re-published only
+/// under a threshold of 0.)
+struct TableDigest {
+    name: String,
+    rows: u64,
+    sums: Vec<(String, f64)>,
+    hasher: xxhash_rust::xxh3::Xxh3,
+    /// Values are encoded here and handed to the hasher a few KB at a time (an update
+    /// per value costs more than the hashing); the digest is that of one byte stream.
+    buf: Vec<u8>,
+}
+
+impl TableDigest {
+    fn new<'a>(name: String, metrics: impl Iterator<Item = &'a str>) -> TableDigest {
+        TableDigest {
+            name,
+            rows: 0,
+            sums: metrics.map(|m| (m.to_owned(), 0.0)).collect(),
+            hasher: xxhash_rust::xxh3::Xxh3::new(),
+            buf: Vec::with_capacity(8192),
+        }
+    }
+
+    fn value(&mut self, v: &Value) {
+        match v {
+            Value::Null => self.null(),
+            Value::Str(s) => self.str(s),
+            Value::Int(i) => self.int(*i),
+            Value::Float(x) | Value::Numeric(x) => self.float(*x),
+            Value::Bool(b) => self.bool(*b),
+            Value::Date(d) => self.date(*d),
+        }
+    }
+
+    /// Ends a row whose metric values (in the order given to `new`) are `metrics`.
+    fn end_row(&mut self, metrics: &[f64]) {
+        self.rows += 1;
+        for ((_, sum), x) in self.sums.iter_mut().zip(metrics) {
+            *sum += x;
+        }
+        if self.buf.len() >= 4096 {
+            self.hasher.update(&self.buf);
+            self.buf.clear();
+        }
+    }
+}
+
+impl RowOut for TableDigest {
+    fn null(&mut self) {
+        self.buf.push(0);
+    }
+    fn str(&mut self, s: &str) {
+        self.buf.push(1);
+        self.buf.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        self.buf.extend_from_slice(s.as_bytes());
+    }
+    fn int(&mut self, i: i64) {
+        self.buf.push(2);
+        self.buf.extend_from_slice(&i.to_le_bytes());
+    }
+    fn float(&mut self, x: f64) {
+        self.buf.push(3);
+        self.buf.extend_from_slice(&x.to_bits().to_le_bytes());
+    }
+    fn bool(&mut self, b: bool) {
+        self.buf.extend_from_slice(&[4, u8::from(b)]);
+    }
+    fn date(&mut self, d: NaiveDate) {
+        self.buf.push(5);
+        self.buf
+            .extend_from_slice(&d.num_days_from_ce().to_le_bytes());
     }
 }
 
@@ -396,6 +456,244 @@ fn date(d: Day) -> NaiveDate {
     d.date()
 }
 
+/// One enrolled client as the scan of an experiment's state sees it.
+struct Client<'a> {
+    id: &'a str,
+    branch_name: &'a str,
+    branch: usize,
+    enrollment_day: Day,
+    /// The raw exposure day (the `exposure_date` column), before clamping to the
+    /// enrollment period.
+    exposure_date: Option<NaiveDate>,
+    num_enrollment_events: u32,
+    num_exposure_events: u32,
+    segs: &'a [bool],
+    segment_bits: u64,
+    hash: u64,
+}
+
+/// Reads every enrolled client of `exp` once, in client-id order: `on_client` sees each
+/// client, `on_row` each (window, basis) row of it (the table index is
+/// `window index * bases + basis index`; clients without an exposure have no
+/// exposures-basis row). Each client's daily records are read once, for the span the
+/// windows cover.
+fn scan(
+    exp: &Experiment,
+    store: &Store,
+    windows: &[Window],
+    mut on_client: impl FnMut(&Client<'_>),
+    mut on_row: impl FnMut(usize, &Client<'_>, &Window, &WindowAggregate),
+) -> Result<(), StateError> {
+    let plan = ExperimentPlan::new(exp, store.layout());
+    let last_enrollment = Day::from_date(exp.last_enrollment_date());
+    let bases = &exp.analysis_bases;
+    let mut entries = Vec::new();
+    for e in store.enrollments(&exp.slug) {
+        let e = e?;
+        if e.record.enrolled.is_some() {
+            entries.push(e);
+        }
+    }
+    entries.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+
+    let (lo, hi) = windows.iter().fold((u32::MAX, 0), |(lo, hi), w| {
+        (lo.min(w.start), hi.max(w.end))
+    });
+    let mut days = Vec::new();
+    let mut agg = WindowAggregate::default();
+    let mut segs = Vec::with_capacity(exp.segments.len());
+    for entry in &entries {
+        let rec = &entry.record;
+        let enrolled = rec.enrolled.as_ref().expect("filtered above");
+        let Some(branch) = exp.branch_index(&enrolled.branch) else {
+            continue;
+        };
+        let enrollment_day = Timestamp(enrolled.timestamp).day();
+        let dims = |d: &str| {
+            enrolled
+                .dimensions
+                .iter()
+                .find(|(k, _)| k == d)
+                .map(|(_, v)| v.as_str())
+        };
+        segs.clear();
+        segs.extend(exp.segments.iter().map(|s| s.matches(dims)));
+        let segment_bits = segs
+            .iter()
+            .enumerate()
+            .fold(0u64, |acc, (i, &m)| acc | (u64::from(m) << i));
+        // Exposures count within the enrollment period, from the enrollment day on.
+        let exposure_day = rec
+            .exposure_day()
+            .filter(|d| *d <= last_enrollment)
+            .map(|d| d.max(enrollment_day));
+        let client = Client {
+            id: &entry.client_id,
+            branch_name: &enrolled.branch,
+            branch,
+            enrollment_day,
+            exposure_date: rec.exposure_day().map(date),
+            num_enrollment_events: rec.num_enrollment_events,
+            num_exposure_events: rec.num_exposure_events,
+            segs: &segs,
+            segment_bits,
+            hash: xxhash_rust::xxh3::xxh3_64(entry.client_id.as_bytes()),
+        };
+        on_client(&client);
+        if windows.is_empty() {
+            continue;
+        }
+        let last_start = exposure_day.unwrap_or(enrollment_day).max(enrollment_day);
+        store.client_days(
+            entry.partition,
+            &entry.client_id,
+            enrollment_day.plus(i64::from(lo)),
+            last_start.plus(i64::from(hi)),
+            &mut days,
+        )?;
+        for (wi, w) in windows.iter().enumerate() {
+            for (bi, &basis) in bases.iter().enumerate() {
+                let start = match basis {
+                    AnalysisBasis::Enrollments => enrollment_day,
+                    AnalysisBasis::Exposures => match exposure_day {
+                        Some(d) => d,
+                        None => continue,
+                    },
+                };
+                aggregate_window(
+                    &plan,
+                    plan.branch_tags[branch],
+                    enrollment_day,
+                    start,
+                    w,
+                    &days,
+                    &mut agg,
+                );
+                on_row(wi * bases.len() + bi, &client, w, &agg);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where the cells of a row go: a table's row of values, or a signature's digest.
+trait RowOut {
+    fn null(&mut self);
+    fn str(&mut self, s: &str);
+    fn int(&mut self, i: i64);
+    fn float(&mut self, x: f64);
+    fn bool(&mut self, b: bool);
+    fn date(&mut self, d: NaiveDate);
+}
+
+impl RowOut for Vec<Value> {
+    fn null(&mut self) {
+        self.push(Value::Null);
+    }
+    fn str(&mut self, s: &str) {
+        self.push(Value::Str(s.to_owned()));
+    }
+    fn int(&mut self, i: i64) {
+        self.push(Value::Int(i));
+    }
+    fn float(&mut self, x: f64) {
+        self.push(Value::Float(x));
+    }
+    fn bool(&mut self, b: bool) {
+        self.push(Value::Bool(b));
+    }
+    fn date(&mut self, d: NaiveDate) {
+        self.push(Value::Date(d));
+    }
+}
+
+/// The cells of a client's row in a window's aggregate table (`aggregate_schema`).
+fn aggregate_row(
+    out: &mut impl RowOut,
+    exp: &Experiment,
+    c: &Client<'_>,
+    w: &Window,
+    agg: &WindowAggregate,
+) {
+    out.str(c.id);
+    out.str(c.branch_name);
+    out.date(date(c.enrollment_day));
+    match c.exposure_date {
+        Some(d) => out.date(d),
+        None => out.null(),
+    }
+    out.int(i64::from(c.num_enrollment_events));
+    out.int(i64::from(c.num_exposure_events));
+    out.int(i64::from(w.start));
+    out.int(i64::from(w.end));
+    for (m, v) in exp.metrics.iter().zip(&agg.values) {
+        match (m.aggregation.value_type(), v) {
+            (_, None) => out.null(),
+            (MetricValueType::Float, Some(x)) => out.float(*x),
+            (MetricValueType::Int, Some(x)) => out.int(*x as i64),
+            (MetricValueType::Bool, Some(x)) => out.bool(*x != 0.0),
+        }
+    }
+    for &(contradictory, non_enrolled) in &agg.flags {
+        out.bool(contradictory);
+        out.bool(non_enrolled);
+    }
+    for &s in c.segs {
+        out.bool(s);
+    }
+}
+
+/// The signatures of windows of `exp` as they are in the store now: what building their
+/// aggregate tables and adding them to a `WindowSignature` gives, without the tables
+/// (each row is hashed and summed as it is computed). One read of every client's state
+/// serves all the windows, however many; this is how late changes are measured.
+pub fn signatures(
+    exp: &Experiment,
+    store: &Store,
+    windows: &[Window],
+) -> Result<Vec<WindowSignature>, StateError> {
+    let bases = &exp.analysis_bases;
+    let mut digests: Vec<TableDigest> = windows
+        .iter()
+        .flat_map(|w| {
+            bases.iter().map(|&b| {
+                let names = exp.metrics.iter().map(|m| m.name.as_str());
+                TableDigest::new(w.aggregate_table(exp, b), names)
+            })
+        })
+        .collect();
+    let mut sums = vec![0.0; exp.metrics.len()];
+    scan(
+        exp,
+        store,
+        windows,
+        |_| {},
+        |t, client, w, agg| {
+            let d = &mut digests[t];
+            aggregate_row(d, exp, client, w, agg);
+            for ((m, v), s) in exp.metrics.iter().zip(&agg.values).zip(&mut sums) {
+                *s = match (m.aggregation.value_type(), v) {
+                    (_, None) => 0.0,
+                    (MetricValueType::Float, Some(x)) => *x,
+                    (MetricValueType::Int, Some(x)) => (*x as i64) as f64,
+                    (MetricValueType::Bool, Some(x)) => f64::from(u8::from(*x != 0.0)),
+                };
+            }
+            d.end_row(&sums);
+        },
+    )?;
+    let mut out = Vec::with_capacity(windows.len());
+    let mut digests = digests.into_iter();
+    for _ in windows {
+        let mut sig = WindowSignature::default();
+        for _ in bases {
+            sig.add_digest(digests.next().expect("one per window and basis"));
+        }
+        out.push(sig);
+    }
+    Ok(out)
+}
+
 /// Builds the due tables of one experiment from the store.
 pub fn build(
     exp: &Experiment,
@@ -403,8 +701,6 @@ pub fn build(
     due: &Due,
     pipeline: &PipelineConfig,
 ) -> Result<Vec<TableData>, StateError> {
-    let plan = ExperimentPlan::new(exp, store.layout());
-    let last_enrollment = Day::from_date(exp.last_enrollment_date());
     let bases = &exp.analysis_bases;
     let nw = due.windows.len();
     let agg_cols = aggregate_schema(exp);
@@ -431,132 +727,38 @@ pub fn build(
         columns: enrollments_schema(exp),
         rows: Vec::new(),
     };
-
-    let mut entries = Vec::new();
-    for e in store.enrollments(&exp.slug) {
-        let e = e?;
-        if e.record.enrolled.is_some() {
-            entries.push(e);
-        }
-    }
-    entries.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-
-    let (lo, hi) = due.windows.iter().fold((u32::MAX, 0), |(lo, hi), w| {
-        (lo.min(w.start), hi.max(w.end))
-    });
-    let mut days = Vec::new();
-    let mut agg = WindowAggregate::default();
-    for entry in &entries {
-        let rec = &entry.record;
-        let enrolled = rec.enrolled.as_ref().expect("filtered above");
-        let Some(branch) = exp.branch_index(&enrolled.branch) else {
-            continue;
-        };
-        let enrollment_day = Timestamp(enrolled.timestamp).day();
-        let dims = |d: &str| {
-            enrolled
-                .dimensions
-                .iter()
-                .find(|(k, _)| k == d)
-                .map(|(_, v)| v.as_str())
-        };
-        let segs: Vec<bool> = exp.segments.iter().map(|s| s.matches(dims)).collect();
-        let segment_bits = segs
-            .iter()
-            .enumerate()
-            .fold(0u64, |acc, (i, &m)| acc | (u64::from(m) << i));
-        // Exposures count within the enrollment period, from the enrollment day on.
-        let exposure_day = rec
-            .exposure_day()
-            .filter(|d| *d <= last_enrollment)
-            .map(|d| d.max(enrollment_day));
-        let exposure_value = rec
-            .exposure_day()
-            .map(date)
-            .map_or(Value::Null, Value::Date);
-        if due.enrollments {
-            let mut row = vec![
-                Value::Str(entry.client_id.clone()),
-                Value::Str(enrolled.branch.clone()),
-                Value::Date(date(enrollment_day)),
-                Value::Int(i64::from(rec.num_enrollment_events)),
-            ];
-            row.extend(segs.iter().map(|&s| Value::Bool(s)));
-            enrollments.rows.push(row);
-        }
-        if nw == 0 {
-            continue;
-        }
-        let last_start = exposure_day.unwrap_or(enrollment_day).max(enrollment_day);
-        store.client_days(
-            entry.partition,
-            &entry.client_id,
-            enrollment_day.plus(i64::from(lo)),
-            last_start.plus(i64::from(hi)),
-            &mut days,
-        )?;
-        let client_hash = xxhash_rust::xxh3::xxh3_64(entry.client_id.as_bytes());
-        for (wi, w) in due.windows.iter().enumerate() {
-            for (bi, &basis) in bases.iter().enumerate() {
-                let start = match basis {
-                    AnalysisBasis::Enrollments => enrollment_day,
-                    AnalysisBasis::Exposures => match exposure_day {
-                        Some(d) => d,
-                        None => continue,
-                    },
-                };
-                aggregate_window(
-                    &plan,
-                    plan.branch_tags[branch],
-                    enrollment_day,
-                    start,
-                    w,
-                    &days,
-                    &mut agg,
-                );
-                let t = wi * bases.len() + bi;
-                let mut row = Vec::with_capacity(agg_cols.len());
-                row.extend([
-                    Value::Str(entry.client_id.clone()),
-                    Value::Str(enrolled.branch.clone()),
-                    Value::Date(date(enrollment_day)),
-                    exposure_value.clone(),
-                    Value::Int(i64::from(rec.num_enrollment_events)),
-                    Value::Int(i64::from(rec.num_exposure_events)),
-                    Value::Int(i64::from(w.start)),
-                    Value::Int(i64::from(w.end)),
-                ]);
-                for (m, v) in exp.metrics.iter().zip(&agg.values) {
-                    row.push(match (m.aggregation.value_type(), v) {
-                        (_, None) => Value::Null,
-                        (MetricValueType::Float, Some(x)) => Value::Float(*x),
-                        (MetricValueType::Int, Some(x)) => Value::Int(*x as i64),
-                        (MetricValueType::Bool, Some(x)) => Value::Bool(*x != 0.0),
-                    });
-                }
-                for &(contradictory, non_enrolled) in &agg.flags {
-                    row.push(Value::Bool(contradictory));
-                    row.push(Value::Bool(non_enrolled));
-                }
-                row.extend(segs.iter().map(|&s| Value::Bool(s)));
-                aggregates[t].rows.push(row);
-                if due.aggregates_only {
-                    continue; // no statistics: their inputs are not needed
-                }
-                let c = &mut columns[t];
-                c.client_hash.push(client_hash);
-                c.branch.push(branch as u16);
-                c.segment_bits.push(segment_bits);
-                for (col, v) in c.values.iter_mut().zip(&agg.values) {
-                    col.push(*v);
-                }
-                for (n, &(contradictory, non_enrolled)) in c.flagged.iter_mut().zip(&agg.flags) {
-                    n.0 += u64::from(contradictory);
-                    n.1 += u64::from(non_enrolled);
-                }
+    scan(
+        exp,
+        store,
+        &due.windows,
+        |c| {
+            if due.enrollments {
+                let mut row = Vec::with_capacity(4 + c.segs.len());
+                row.str(c.id);
+                row.str(c.branch_name);
+                row.date(date(c.enrollment_day));
+                row.int(i64::from(c.num_enrollment_events));
+                row.extend(c.segs.iter().map(|&s| Value::Bool(s)));
+                enrollments.rows.push(row);
             }
-        }
-    }
+        },
+        |t, client, w, agg| {
+            let mut row = Vec::with_capacity(agg_cols.len());
+            aggregate_row(&mut row, exp, client, w, agg);
+            aggregates[t].rows.push(row);
+            let c = &mut columns[t];
+            c.client_hash.push(client.hash);
+            c.branch.push(client.branch as u16);
+            c.segment_bits.push(client.segment_bits);
+            for (col, v) in c.values.iter_mut().zip(&agg.values) {
+                col.push(*v);
+            }
+            for (n, &(contradictory, non_enrolled)) in c.flagged.iter_mut().zip(&agg.flags) {
+                n.0 += u64::from(contradictory);
+                n.1 += u64::from(non_enrolled);
+            }
+        },
+    )?;
 
     let specs = metric_specs(exp);
     let branches: Vec<String> = exp.branches.iter().map(|b| b.name.clone()).collect();
@@ -571,10 +773,6 @@ pub fn build(
     let mut out = Vec::new();
     if due.enrollments {
         out.push(enrollments);
-    }
-    if due.aggregates_only {
-        out.extend(aggregates);
-        return Ok(out);
     }
     let mut aggregates = aggregates.into_iter();
     for (wi, w) in due.windows.iter().enumerate() {
@@ -683,8 +881,8 @@ mod signature_tests {
         );
     }
 
-    /// Signatures stored by earlier versions stay comparable: the digest is the hash of
-    /// each value as a tag byte and its little-endian bytes, in row order.
+    /// The digest is pinned: a table's is the hash of each value as a tag byte and its
+    /// little-endian bytes, in row order, and a window's chains its tables' digests.
     #[test]
     fn digest_hashes_each_value_as_tagged_bytes() {
         use crate::publish::{TableData, TableKind, Value};
@@ -722,19 +920,26 @@ mod signature_tests {
         bytes.extend(day.num_days_from_ce().to_le_bytes());
         bytes.push(3);
         bytes.extend(0.25f64.to_bits().to_le_bytes());
-        assert_eq!(s.digest, xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, 0));
+        let chained = |table: &[u8]| {
+            let t = xxhash_rust::xxh3::xxh3_64(table).to_le_bytes();
+            xxhash_rust::xxh3::xxh3_64_with_seed(&t, 0)
+        };
+        assert_eq!(s.digest, chained(&bytes));
         assert_eq!(s.rows, 1);
         // Many rows, hashed a few KB at a time: the digest of the whole byte stream.
         let many = TableData {
             rows: vec![table.rows[0].clone(); 1000],
-            ..table
+            ..table.clone()
         };
         let mut s = WindowSignature::default();
         s.add_table(&cfg.experiments[0], &many);
-        assert_eq!(
-            s.digest,
-            xxhash_rust::xxh3::xxh3_64_with_seed(&bytes.repeat(1000), 0)
-        );
+        assert_eq!(s.digest, chained(&bytes.repeat(1000)));
+        // A second table chains onto the first.
+        let first = s.digest;
+        s.add_table(&cfg.experiments[0], &table);
+        let t = xxhash_rust::xxh3::xxh3_64(&bytes).to_le_bytes();
+        assert_eq!(s.digest, xxhash_rust::xxh3::xxh3_64_with_seed(&t, first));
+        assert_eq!(s.rows, 1000);
     }
 
     #[test]

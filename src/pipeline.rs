@@ -2,8 +2,9 @@
 //!
 //! After each flush the pipeline compares the watermark with every window's completion
 //! time. A window is published once complete. Late events mark a published window dirty;
-//! the pipeline then measures the window again (at most once per `late_check_interval`
-//! while late events keep coming) and re-publishes it at once when its row count or any
+//! the pipeline measures the dirty windows again, all together in one read of the state
+//! and at most once per `late_check_interval` (each round costs a read of every enrolled
+//! client, whatever the number of windows), and re-publishes at once those whose row count or any
 //! metric sum moved by more than `republish_threshold` since publication. Smaller changes
 //! wait in state: the first forced pass (`finalize`) after the window's look-back
 //! (`late_lookback_days` after it completed) publishes them. The state a publication
@@ -77,12 +78,15 @@ pub struct Pipeline {
     /// No publication pass before this instant.
     backoff_until: Option<Instant>,
     /// Dirty windows measured against their published signature, by (experiment,
-    /// statistics table): the late events counted then, when, and whether the change was
-    /// above the threshold.
-    late_measured: HashMap<(usize, String), (u64, Instant, bool)>,
-    /// Least time between two measurements of the same dirty window while late events
-    /// keep arriving (each measurement reads the window's state): `late_check_secs`.
+    /// statistics table): the late events counted then, and whether the change was above
+    /// the threshold.
+    late_measured: HashMap<(usize, String), (u64, bool)>,
+    /// Least time between two rounds of measuring dirty windows (each round reads the
+    /// state of every enrolled client once, for all the windows it measures):
+    /// `late_check_secs`.
     pub late_check_interval: Duration,
+    /// When the last round of measurements was (or the pipeline started).
+    last_late_round: Instant,
     /// Per experiment, the published statistics and enrollment tables whose shape differs
     /// from the config's: published again as soon as a pass reaches them. Found at the
     /// first pass (None before).
@@ -107,6 +111,7 @@ impl Pipeline {
             backoff_until: None,
             late_check_interval: Duration::from_secs(late_check_secs),
             late_measured: HashMap::new(),
+            last_late_round: Instant::now(),
             reshaped: None,
         }
     }
@@ -247,18 +252,17 @@ impl Pipeline {
     }
 
     /// Measures dirty windows of experiment `x` against what was published and returns
-    /// those whose row count or a metric sum moved by more than the threshold. A window is
-    /// measured again only when more late events arrived, and (unless `force`d) no sooner
-    /// than `late_check_interval` after its last measurement.
+    /// those whose row count or a metric sum moved by more than the threshold (and those
+    /// found so before, not yet re-published). Windows are measured only in a `round`, and
+    /// again only when more late events arrived.
     fn measure_late(
         &mut self,
         x: usize,
         candidates: Vec<Window>,
-        force: bool,
+        round: bool,
     ) -> Result<Vec<Window>, StateError> {
         let exp = self.fold.config().experiments[x].clone();
         let threshold = self.fold.config().pipeline.republish_threshold;
-        let now = Instant::now();
         let mut above = Vec::new();
         let mut todo = Vec::new();
         for w in candidates {
@@ -269,50 +273,41 @@ impl Pipeline {
                 .get(&table)
                 .map_or(0, |r| r.late_events);
             match self.late_measured.get(&(x, table)) {
-                Some(&(_, _, true)) => above.push(w),
-                Some(&(n, at, false))
-                    if n == late
-                        || (!force && now.duration_since(at) < self.late_check_interval) => {}
-                _ => todo.push((w, late)),
+                Some(&(_, true)) => above.push(w),
+                Some(&(n, false)) if n == late => {} // nothing new since
+                _ if round => todo.push((w, late)),
+                _ => {} // waits for the next round
             }
         }
-        for chunk in todo.chunks(WINDOWS_PER_PASS) {
-            let due = Due {
-                windows: chunk.iter().map(|(w, _)| *w).collect(),
-                enrollments: false,
-                aggregates_only: true,
+        if todo.is_empty() {
+            return Ok(above);
+        }
+        // One read of the state serves every dirty window: rows are hashed and summed as
+        // they are computed, so no table is held and the windows need no chunking.
+        self.compact()?;
+        let started = Instant::now();
+        let windows: Vec<Window> = todo.iter().map(|(w, _)| *w).collect();
+        let signatures = materialize::signatures(&exp, self.fold.store(), &windows)?;
+        self.times.materialize += started.elapsed();
+        self.times.late += started.elapsed();
+        for (&(w, late), current) in todo.iter().zip(&signatures) {
+            let table = w.statistics_table(&exp);
+            let change = match self.fold.store().signature(&exp.slug, &table)? {
+                Some(published) => published.change(current),
+                None => f64::INFINITY, // published before signatures were kept
             };
-            self.compact()?;
-            let started = Instant::now();
-            let tables =
-                materialize::build(&exp, self.fold.store(), &due, &self.fold.config().pipeline)?;
-            self.times.materialize += started.elapsed();
-            self.times.late += started.elapsed();
-            for (&(w, late), window_tables) in
-                chunk.iter().zip(tables.chunks(exp.analysis_bases.len()))
-            {
-                let mut current = WindowSignature::default();
-                for t in window_tables {
-                    current.add_table(&exp, t);
-                }
-                let table = w.statistics_table(&exp);
-                let change = match self.fold.store().signature(&exp.slug, &table)? {
-                    Some(published) => published.change(&current),
-                    None => f64::INFINITY, // published before signatures were kept
-                };
-                let is_above = change > threshold;
-                tracing::info!(
-                    table,
-                    late_events = late,
-                    change,
-                    threshold,
-                    republish = is_above,
-                    "measured a window changed by late data"
-                );
-                self.late_measured.insert((x, table), (late, now, is_above));
-                if is_above {
-                    above.push(w);
-                }
+            let is_above = change > threshold;
+            tracing::info!(
+                table,
+                late_events = late,
+                change,
+                threshold,
+                republish = is_above,
+                "measured a window changed by late data"
+            );
+            self.late_measured.insert((x, table), (late, is_above));
+            if is_above {
+                above.push(w);
             }
         }
         Ok(above)
@@ -349,13 +344,18 @@ impl Pipeline {
         if self.backoff_until.is_some_and(|t| Instant::now() < t) {
             return Ok(report); // the sink is down: keep folding, publish later
         }
+        let now = Instant::now();
+        let round = force || now.duration_since(self.last_late_round) >= self.late_check_interval;
+        if round {
+            self.last_late_round = now;
+        }
         for x in 0..self.fold.config().experiments.len() {
             if only.is_some_and(|o| o != x) || self.fold.is_retired(x) {
                 continue;
             }
             let (mut due, measure) = self.due(x, watermark, force);
             if !measure.is_empty() {
-                due.windows.extend(self.measure_late(x, measure, force)?);
+                due.windows.extend(self.measure_late(x, measure, round)?);
             }
             if due.windows.is_empty() && !due.enrollments {
                 continue;
@@ -679,6 +679,105 @@ periods = ["day", "overall"]
             }
         }
         lines.join("\n")
+    }
+
+    /// The late-change measurement streams rows into signatures: it must give exactly
+    /// what building each window's aggregate tables and adding them gives, for all
+    /// windows in one pass, and see a late event.
+    #[test]
+    fn streamed_signatures_equal_those_of_the_built_tables() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/examples/experiment.toml"
+        );
+        let mut cfg = crate::config::load(std::path::Path::new(path)).unwrap();
+        cfg.pipeline.replicates = 10;
+        let exp = cfg.experiments[0].clone();
+        let mut events = Vec::new();
+        let opts = crate::generate::GenerateOptions {
+            clients: 300,
+            ..Default::default()
+        };
+        crate::generate::generate(&cfg, &opts, &mut events).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::state::Store::open(&dir.path().join("state"), &cfg).unwrap();
+        let mut fold = Fold::new(cfg.clone(), store, &["file:e"]).unwrap();
+        for line in events.split(|&b| b == b'\n') {
+            if let Ok(ev) = crate::event::decode_json(line, crate::event::Kind::Any, 1 << 20) {
+                fold.apply("file:e", 0, &ev);
+            }
+        }
+        let sink = Refusing {
+            calls: Arc::default(),
+            refuse: Arc::default(),
+        };
+        fold.flush().unwrap();
+        let mut pipeline = Pipeline::new(fold, Box::new(sink));
+        pipeline.compact().unwrap();
+        let windows = window::windows(&exp);
+        assert!(windows.len() > 10, "{}", windows.len());
+        let built = |pipeline: &Pipeline, w: Window| {
+            let due = Due {
+                windows: vec![w],
+                enrollments: false,
+            };
+            let tables =
+                materialize::build(&exp, pipeline.fold.store(), &due, &cfg.pipeline).unwrap();
+            let mut sig = WindowSignature::default();
+            for t in tables
+                .iter()
+                .filter(|t| matches!(t.kind, TableKind::Aggregates))
+            {
+                sig.add_table(&exp, t);
+            }
+            sig
+        };
+        let streamed = materialize::signatures(&exp, pipeline.fold.store(), &windows).unwrap();
+        assert_eq!(streamed.len(), windows.len());
+        for (w, sig) in windows.iter().zip(&streamed) {
+            assert_eq!(*sig, built(&pipeline, *w), "{w:?}");
+            assert!(sig.rows > 250, "{w:?}: {}", sig.rows);
+            assert_eq!(sig.sums.len(), 2 * (1 + exp.metrics.len()));
+        }
+
+        // One late event of a client moves the overall window's signature (its digest
+        // and the sum of active_hours) and leaves a window it does not touch alone.
+        use crate::config::Period;
+        let overall = *windows
+            .iter()
+            .find(|w| w.period == Period::Overall)
+            .unwrap();
+        let day_1 = *windows
+            .iter()
+            .find(|w| w.period == Period::Day && w.index == 1)
+            .unwrap();
+        let entry = pipeline
+            .fold
+            .store()
+            .enrollments(&exp.slug)
+            .map(|e| e.unwrap())
+            .find(|e| e.record.enrolled.is_some())
+            .unwrap();
+        let enrolled = entry.record.enrolled.unwrap();
+        // The client's fourth day: in its overall window, not in its day 1.
+        let day = Timestamp(enrolled.timestamp).day().plus(3).date();
+        let line = format!(
+            r#"{{"client_id":"{}","submission_timestamp":"{day}T01:00:00Z","experiments":{{"{}":"{}"}},"metrics":{{"active_hours":1000.0}}}}"#,
+            entry.client_id, exp.slug, enrolled.branch
+        );
+        let ev =
+            crate::event::decode_json(line.as_bytes(), crate::event::Kind::Any, 1 << 20).unwrap();
+        assert!(pipeline.fold.apply("file:e", 0, &ev).is_none());
+        pipeline.fold.flush().unwrap();
+        pipeline.compact().unwrap();
+        let after =
+            materialize::signatures(&exp, pipeline.fold.store(), &[day_1, overall]).unwrap();
+        let before_overall = &streamed[windows.iter().position(|w| *w == overall).unwrap()];
+        let before_day_1 = &streamed[windows.iter().position(|w| *w == day_1).unwrap()];
+        assert_eq!(after[0], *before_day_1);
+        assert_ne!(after[1].digest, before_overall.digest);
+        assert!(before_overall.change(&after[1]) > 0.0);
+        assert_eq!(after[1], built(&pipeline, overall));
     }
 
     #[test]
