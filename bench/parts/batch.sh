@@ -124,7 +124,7 @@ event file (\`slipstream generate --config CONFIG --clients N --seed 1\`), one a
 (b) /usr/bin/time -v python bench/batch/recompute.py --config CONFIG --events events.ndjson --db DB.duckdb
 \`\`\`
 
-CONFIG is bench/experiment-4w.toml (28 days of analysis: 33 windows, both analysis bases,
+CONFIG is bench/experiment-4w.toml (sled page cache 2048 MiB; 28 days of analysis: 33 windows, both analysis bases,
 7 metrics, 2 segments, 1,000 bootstrap replicates) or the same experiment ending two weeks
 earlier (14 days: 17 windows), with the same clients and enrollment. (a) is slipstream's wall
 time, end to end: decoding and folding every event once into sled, then materializing and
